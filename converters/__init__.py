@@ -1,0 +1,1 @@
+"""Converters: PyTorch and ONNX checkpoints -> lstm-infer model directories."""

@@ -1,0 +1,240 @@
+"""Numba kernels: cell updates, masked state commits, fused log-softmax.
+
+Every kernel works on float32 arrays the caller allocates; GEMMs stay in NumPy's BLAS (one BLAS in
+the process, one thread pool). Shapes use B batch rows, H hidden units, P = H_out (proj or H).
+Gate blocks inside a row follow the engine's order (lstm i,f,g,o; gru r,z,n), each H wide.
+
+``tests/naive.py`` holds the plain NumPy twin of every kernel here.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from numba import njit, prange
+
+# Hot kernels: fastmath lets LLVM vectorise; error_model="numpy" drops the per-division zero check.
+# cache=True keeps compile time out of every process after the first.
+FAST = dict(cache=True, fastmath=True, error_model="numpy", nogil=True)
+BIG = np.float32(3.0e38)  # stands in for "no clip": fastmath assumes no infinities
+
+# Rational tanh, float32 (the minimax form Eigen uses): within a few ulp, and it vectorises,
+# where np.tanh inside @njit is a scalar libm call.
+_TC = np.float32(7.90531110763549805)
+_A1, _A3, _A5 = np.float32(4.89352455891786e-03), np.float32(6.37261928875436e-04), np.float32(1.48572235717979e-05)
+_A7, _A9 = np.float32(5.12229709037114e-08), np.float32(-8.60467152213735e-11)
+_A11, _A13 = np.float32(2.00018790482477e-13), np.float32(-2.76076847742355e-16)
+_B0, _B2 = np.float32(4.89352518554385e-03), np.float32(2.26843463243900e-03)
+_B4, _B6 = np.float32(1.18534705686654e-04), np.float32(1.19825839466702e-06)
+_HALF, _ONE, _ZERO = np.float32(0.5), np.float32(1.0), np.float32(0.0)
+
+
+@njit(inline="always", **FAST)
+def ftanh(x):
+    x = max(-_TC, min(_TC, x))
+    x2 = x * x
+    p = ((((((_A13 * x2 + _A11) * x2 + _A9) * x2 + _A7) * x2 + _A5) * x2 + _A3) * x2 + _A1) * x
+    q = ((_B6 * x2 + _B4) * x2 + _B2) * x2 + _B0
+    return p / q
+
+
+@njit(inline="always", **FAST)
+def fsigmoid(x):
+    return _HALF + _HALF * ftanh(_HALF * x)
+
+
+@njit(inline="always", **FAST)
+def _clip(x, c):
+    return max(-c, min(c, x))
+
+
+@njit(cache=True, error_model="numpy")
+def act_inplace(v, code, alpha, beta):
+    """Apply ONNX activation ``code`` (see format.ACTIVATIONS) to v (n,) in place."""
+    n = v.shape[0]
+    if code == 0:
+        for j in range(n):
+            v[j] = fsigmoid(v[j])
+    elif code == 1:
+        for j in range(n):
+            v[j] = ftanh(v[j])
+    elif code == 2:
+        for j in range(n):
+            v[j] = max(v[j], _ZERO)
+    elif code == 3:
+        for j in range(n):
+            v[j] = min(max(alpha * v[j] + beta, _ZERO), _ONE)
+    elif code == 4:
+        for j in range(n):
+            v[j] = v[j] if v[j] >= 0 else alpha * v[j]
+    elif code == 5:
+        for j in range(n):
+            v[j] = v[j] if v[j] > alpha else _ZERO
+    elif code == 6:
+        for j in range(n):
+            v[j] = alpha * ftanh(beta * v[j])
+    elif code == 7:
+        for j in range(n):
+            v[j] = alpha * v[j] + beta
+    elif code == 8:
+        for j in range(n):
+            v[j] = v[j] if v[j] >= 0 else alpha * (np.exp(v[j]) - 1)
+    elif code == 9:
+        for j in range(n):
+            v[j] = v[j] / (1 + abs(v[j]))
+    elif code == 10:
+        for j in range(n):
+            x = v[j]
+            v[j] = max(x, _ZERO) + np.log1p(np.exp(-abs(x)))
+
+
+@njit(parallel=True, **FAST)
+def lstm_step(gx, gh, bias, peep, clip, input_forget, c, y, valid):
+    """One LSTM step with sigmoid/tanh/tanh, fused.
+
+    gx (B, 4H) input projection, gh (B, 4H) recurrent projection, bias (4H,), peep (3, H) rows
+    i,f,o (zeros when absent), c (B, H) cell state, updated for valid rows; y (B, H) receives
+    o * tanh(c) (the hidden state before any projection); valid (B,) bool.
+    """
+    B, H = c.shape
+    for b in prange(B):
+        if not valid[b]:
+            continue
+        for j in range(H):
+            cp = c[b, j]
+            i = fsigmoid(_clip(gx[b, j] + gh[b, j] + bias[j] + peep[0, j] * cp, clip))
+            if input_forget:
+                f = _ONE - i
+            else:
+                f = fsigmoid(_clip(gx[b, H + j] + gh[b, H + j] + bias[H + j] + peep[1, j] * cp, clip))
+            g = ftanh(_clip(gx[b, 2 * H + j] + gh[b, 2 * H + j] + bias[2 * H + j], clip))
+            cn = f * cp + i * g
+            o = fsigmoid(_clip(gx[b, 3 * H + j] + gh[b, 3 * H + j] + bias[3 * H + j] + peep[2, j] * cn, clip))
+            c[b, j] = cn
+            y[b, j] = o * ftanh(cn)
+
+
+@njit(parallel=True, cache=True, error_model="numpy")
+def lstm_step_generic(gx, gh, bias, peep, clip, input_forget, c, y, valid, codes, alphas, betas, work):
+    """lstm_step for any ONNX activations f, g, h: codes/alphas/betas (3,); work (B, 4H) scratch."""
+    B, H = c.shape
+    for b in prange(B):
+        if not valid[b]:
+            continue
+        w = work[b]
+        for j in range(4 * H):
+            w[j] = gx[b, j] + gh[b, j] + bias[j]
+        for j in range(H):
+            w[j] = _clip(w[j] + peep[0, j] * c[b, j], clip)
+            w[H + j] = _clip(w[H + j] + peep[1, j] * c[b, j], clip)
+            w[2 * H + j] = _clip(w[2 * H + j], clip)
+        act_inplace(w[:H], codes[0], alphas[0], betas[0])
+        if input_forget:
+            for j in range(H):
+                w[H + j] = _ONE - w[j]
+        else:
+            act_inplace(w[H:2 * H], codes[0], alphas[0], betas[0])
+        act_inplace(w[2 * H:3 * H], codes[1], alphas[1], betas[1])
+        for j in range(H):
+            c[b, j] = w[H + j] * c[b, j] + w[j] * w[2 * H + j]
+            w[3 * H + j] = _clip(w[3 * H + j] + peep[2, j] * c[b, j], clip)
+            y[b, j] = c[b, j]
+        act_inplace(w[3 * H:], codes[0], alphas[0], betas[0])
+        act_inplace(y[b], codes[2], alphas[2], betas[2])
+        for j in range(H):
+            y[b, j] *= w[3 * H + j]
+
+
+@njit(parallel=True, cache=True, error_model="numpy")
+def gru_gates(gx, gh, bias, clip, h, rz, rh, valid, codes, alphas, betas):
+    """GRU phase 1: r and z, and r * h for the linear_before_reset=0 form.
+
+    gx (B, 3H), gh (B, >=2H) recurrent projection of r and z, bias (3H,), h (B, H);
+    rz (B, 2H) receives r, z; rh (B, H) receives r * h.
+    """
+    B, H = h.shape
+    for b in prange(B):
+        if not valid[b]:
+            continue
+        for j in range(2 * H):
+            rz[b, j] = _clip(gx[b, j] + gh[b, j] + bias[j], clip)
+        act_inplace(rz[b], codes[0], alphas[0], betas[0])
+        for j in range(H):
+            rh[b, j] = rz[b, j] * h[b, j]
+
+
+@njit(parallel=True, cache=True, error_model="numpy")
+def gru_update(gx, ghn, b_hn, bias, clip, lbr, h, rz, y, valid, codes, alphas, betas):
+    """GRU phase 2: n and the new hidden state.
+
+    ghn (B, H): W_hn h (lbr=1) or W_hn (r * h) (lbr=0); y (B, H) receives the new h.
+    n = g(x_n + r * (ghn + b_hn)) with lbr, else g(x_n + ghn + b_n); h' = (1 - z) n + z h.
+    """
+    B, H = h.shape
+    for b in prange(B):
+        if not valid[b]:
+            continue
+        for j in range(H):
+            if lbr:
+                y[b, j] = _clip(gx[b, 2 * H + j] + bias[2 * H + j] + rz[b, j] * (ghn[b, j] + b_hn[j]), clip)
+            else:
+                y[b, j] = _clip(gx[b, 2 * H + j] + bias[2 * H + j] + ghn[b, j], clip)
+        act_inplace(y[b], codes[1], alphas[1], betas[1])
+        for j in range(H):
+            z = rz[b, H + j]
+            y[b, j] = (_ONE - z) * y[b, j] + z * h[b, j]
+
+
+@njit(parallel=True, cache=True, error_model="numpy")
+def rnn_step(gx, gh, bias, clip, y, valid, codes, alphas, betas):
+    """Elman RNN: y (B, H) = f(gx + gh + bias) for valid rows."""
+    B, H = y.shape
+    for b in prange(B):
+        if not valid[b]:
+            continue
+        for j in range(H):
+            y[b, j] = _clip(gx[b, j] + gh[b, j] + bias[j], clip)
+        act_inplace(y[b], codes[0], alphas[0], betas[0])
+
+
+@njit(parallel=True, **FAST)
+def commit(src, h, out, valid):
+    """Valid rows: h[b] = out[b] = src[b]; others keep h and get zeros in out. All (B, P)."""
+    B, P = h.shape
+    for b in prange(B):
+        if valid[b]:
+            for j in range(P):
+                h[b, j] = src[b, j]
+                out[b, j] = src[b, j]
+        else:
+            for j in range(P):
+                out[b, j] = _ZERO
+
+
+@njit(parallel=True, **FAST)
+def log_softmax_rows(x):
+    """In place: x (N, K) logits -> log-probabilities, row by row."""
+    N, K = x.shape
+    for n in prange(N):
+        m = -BIG
+        for k in range(K):
+            m = max(m, x[n, k])
+        s = np.float32(0.0)
+        for k in range(K):
+            s += np.exp(x[n, k] - m)
+        lse = m + np.log(s)
+        for k in range(K):
+            x[n, k] -= lse
+
+
+@njit(parallel=True, **FAST)
+def gather_log_softmax(x, targets, out):
+    """out[n] = log_softmax(x[n])[targets[n]] for x (N, K) logits, targets (N,) int64, out (N,)."""
+    N, K = x.shape
+    for n in prange(N):
+        m = -BIG
+        for k in range(K):
+            m = max(m, x[n, k])
+        s = np.float32(0.0)
+        for k in range(K):
+            s += np.exp(x[n, k] - m)
+        out[n] = x[n, targets[n]] - m - np.log(s)

@@ -1,0 +1,195 @@
+"""``Model``: a loaded model directory and the Python API over the engine."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from pathlib import Path
+from typing import Any
+
+import numba
+import numpy as np
+from threadpoolctl import ThreadpoolController
+
+from . import head, recurrent
+from .errors import LstmInferError
+from .format import read_model
+from .tokenizer import Tokenizer
+
+F32 = np.float32
+DEFAULT_MODEL = Path(__file__).parent / "data" / "default"
+
+State = tuple[Any, Any]
+
+
+class Model:
+    """A model directory mapped into memory. Arrays are shared, so one Model serves many threads.
+
+    ``state`` everywhere is PyTorch's pair ``(h, c)``: h (L*D, B, H_out), c (L*D, B, H), c None for
+    GRU/RNN stacks. Stacks whose layers differ in size or cell use lists of per-layer-direction
+    arrays, h[k] (B, H_out_k) and c[k] (B, H_k), in the same order.
+    """
+
+    def __init__(self, config: dict, tensors: dict[str, np.ndarray], vocab: list[str] | None = None,
+                 *, path: str | os.PathLike | None = None, threads: int | None = None):
+        self.config = config
+        self.vocab = vocab
+        self.path = Path(path) if path is not None else None
+        limit = numba.config.NUMBA_NUM_THREADS
+        if threads is not None and (not isinstance(threads, int) or threads < 1):
+            raise LstmInferError(f"threads must be a positive integer, got {threads!r}")
+        self.threads = min(threads or limit, limit)
+        self.layers = recurrent.build_layers(config, tensors)
+        self.embedding = tensors.get("embedding")
+        hc = config["head"]
+        self.head_w = None if hc is None else (self.embedding if hc["tied"] else tensors["head.weight"])
+        self.head_b = tensors.get("head.bias")
+        tok = config["tokenizer"]
+        self.tokenizer = Tokenizer.from_config(tok, vocab) if tok is not None else None
+        self._blas = ThreadpoolController()
+        self._uniform = len({(ly.cell, ly.out, ly.hidden) for ly in self.layers}) == 1
+
+    # ------------------------------------------------------------------ helpers
+    @contextlib.contextmanager
+    def _threads(self):
+        """Numba and BLAS both get exactly ``threads``: never oversubscribed."""
+        numba.set_num_threads(self.threads)
+        with self._blas.limit(limits=self.threads, user_api="blas"):
+            yield
+
+    @property
+    def vocab_size(self) -> int | None:
+        return None if self.embedding is None else self.embedding.shape[0]
+
+    def _require_lm(self, what: str) -> None:
+        if self.embedding is None or self.head_w is None:
+            raise LstmInferError(f"{what} needs a model with an embedding and an output head")
+
+    def _ids(self, ids: Any, ndim: int, name: str = "ids") -> np.ndarray:
+        arr = np.asarray(ids)
+        if arr.ndim != ndim or not (arr.size == 0 or np.issubdtype(arr.dtype, np.integer)):
+            raise LstmInferError(
+                f"{name} must be an integer array with {ndim} dimension(s), got {arr.dtype} {arr.shape}")
+        arr = arr.astype(np.int64, copy=False)
+        v = self.vocab_size
+        if arr.size and (arr.min() < 0 or arr.max() >= v):
+            bad = arr[(arr < 0) | (arr >= v)].flat[0]
+            raise LstmInferError(f"{name}: token id {bad} is out of range [0, {v})")
+        return arr
+
+    def _valid(self, T: int, B: int, lengths: Any) -> np.ndarray:
+        if lengths is None:
+            return np.ones((T, B), np.bool_)
+        ln = np.asarray(lengths)
+        if ln.shape != (B,) or not np.issubdtype(ln.dtype, np.integer) or (ln.size and (ln.min() < 0 or ln.max() > T)):
+            raise LstmInferError(f"lengths must be {B} integers in [0, {T}], got {ln.dtype} {ln.shape}")
+        return np.arange(T)[:, None] < ln[None, :]
+
+    def _state_in(self, state: State | None, B: int) -> list:
+        fresh = recurrent.zero_state(self.layers, B)
+        if state is None:
+            return fresh
+        if not isinstance(state, (tuple, list)) or len(state) != 2:
+            raise LstmInferError("state must be a pair (h, c); c is None for GRU/RNN models")
+        hs, cs = state
+        for k, (h0, c0) in enumerate(fresh):
+            for name, src, dst in (("h", hs, h0), ("c", cs, c0)):
+                if dst is None:
+                    continue
+                if src is None:
+                    raise LstmInferError(f"state {name} is None but the model needs it")
+                part = np.asarray(src[k], F32) if len(src) == len(fresh) else None
+                if part is None or part.shape != dst.shape:
+                    want = dst.shape if not self._uniform else (len(fresh),) + dst.shape
+                    raise LstmInferError(f"state {name} must have shape {want}")
+                dst[...] = part
+        return fresh
+
+    def _state_out(self, st: list) -> State:
+        hs = [h for h, _ in st]
+        cs = [c for _, c in st]
+        if any(c is None for c in cs):
+            cs = None if all(c is None for c in cs) else cs
+        if self._uniform:
+            return np.stack(hs), (np.stack(cs) if cs is not None else None)
+        return hs, cs
+
+    def _forward(self, x: np.ndarray, state: State | None, lengths: Any) -> tuple[np.ndarray, list]:
+        T, B = x.shape[:2]
+        st = self._state_in(state, B)
+        valid = self._valid(T, B, lengths)
+        with self._threads():
+            out = recurrent.run_stack(self.layers, x, st, valid)
+        return out, st
+
+    def _embed(self, ids: np.ndarray) -> np.ndarray:
+        return np.take(self.embedding, ids, axis=0)
+
+    # ------------------------------------------------------------------ public API
+    def run(self, inputs: Any, state: State | None = None, lengths: Any = None,
+            batch_first: bool = False) -> tuple[np.ndarray, State]:
+        """Recurrent stack only: inputs (T, B, I) float32 -> outputs (T, B, D*H_out), state."""
+        x = np.asarray(inputs, F32)
+        want = self.layers[0].input_size
+        if x.ndim != 3 or x.shape[2] != want:
+            raise LstmInferError(f"inputs must have shape ({'B, T' if batch_first else 'T, B'}, {want}), got {x.shape}")
+        if batch_first:
+            x = x.transpose(1, 0, 2)
+        out, st = self._forward(np.ascontiguousarray(x), state, lengths)
+        if batch_first:
+            out = np.ascontiguousarray(out.transpose(1, 0, 2))
+        return out, self._state_out(st)
+
+    def logits(self, ids: Any, state: State | None = None, lengths: Any = None) -> tuple[np.ndarray, State]:
+        """ids (T, B) -> logits (T, B, K), state."""
+        self._require_lm("logits")
+        ids = self._ids(ids, 2)
+        feats, st = self._forward(self._embed(ids), state, lengths)
+        T, B = ids.shape
+        with self._threads():
+            out = head.logits(feats.reshape(T * B, -1), self.head_w, self.head_b)
+        return out.reshape(T, B, -1), self._state_out(st)
+
+    def log_probs(self, ids: Any, state: State | None = None, lengths: Any = None) -> tuple[np.ndarray, State]:
+        """ids (T, B) -> log-probabilities (T, B, K), state."""
+        self._require_lm("log_probs")
+        ids = self._ids(ids, 2)
+        feats, st = self._forward(self._embed(ids), state, lengths)
+        T, B = ids.shape
+        with self._threads():
+            out = head.log_probs(feats.reshape(T * B, -1), self.head_w, self.head_b)
+        return out.reshape(T, B, -1), self._state_out(st)
+
+    def step(self, ids: Any, state: State | None = None) -> tuple[np.ndarray, State]:
+        """One token per row: ids (B,) -> log-probabilities (B, K) of the next token, state."""
+        lp, st = self.log_probs(self._ids(ids, 1)[None, :], state)
+        return lp[0], st
+
+    def target_log_probs(self, inputs: Any, targets: Any, state: State | None = None,
+                         lengths: Any = None) -> tuple[np.ndarray, State]:
+        """lp[t, b] = log P(targets[t, b] | inputs[:t+1, b]); inputs, targets (T, B) -> lp (T, B).
+
+        The (T, B, K) logits are never materialised. Positions past a row's length get 0.
+        """
+        self._require_lm("target_log_probs")
+        ids = self._ids(inputs, 2, "inputs")
+        tg = self._ids(targets, 2, "targets")
+        if tg.shape != ids.shape:
+            raise LstmInferError(f"targets shape {tg.shape} differs from inputs shape {ids.shape}")
+        T, B = ids.shape
+        feats, st = self._forward(self._embed(ids), state, lengths)
+        with self._threads():
+            lp = head.target_log_probs(feats.reshape(T * B, -1), self.head_w, self.head_b, tg.reshape(-1))
+        lp = lp.reshape(T, B)
+        if lengths is not None:
+            lp[~self._valid(T, B, lengths)] = 0.0
+        return lp, self._state_out(st)
+
+
+def load(path: str | os.PathLike | None = None, *, threads: int | None = None) -> Model:
+    """Map a model directory (None: the bundled default model). ``threads``: None = all cores."""
+    where = DEFAULT_MODEL if path is None else Path(path)
+    if path is None and not (where / "config.json").exists():
+        raise LstmInferError(f"{where}: the bundled default model is missing from this installation")
+    config, tensors, vocab = read_model(where)
+    return Model(config, tensors, vocab, path=where, threads=threads)
