@@ -185,6 +185,17 @@ class Model:
             lp[~self._valid(T, B, lengths)] = 0.0
         return lp, self._state_out(st)
 
+    def score(self, text_or_lines: str | list[str], mode: str = "sentences", *, batch_size: int = 64,
+              per_token: bool = False):
+        """Perplexity of a text (lines split on \\n) or a list of lines -> scoring.ScoreResult.
+
+        Totals as ``lstm-infer score`` prints them, and ``.lines`` in input order (see scoring.py for the
+        sentences / stream semantics).
+        """
+        from .scoring import score_text
+
+        return score_text(self, text_or_lines, mode, batch_size, per_token)
+
 
 def load(path: str | os.PathLike | None = None, *, threads: int | None = None) -> Model:
     """Map a model directory (None: the bundled default model). ``threads``: None = all cores."""

@@ -32,18 +32,24 @@ class Tokenizer:
 
     def encode(self, text: str) -> tuple[np.ndarray, int]:
         """Token ids (int64) and the number of out-of-vocabulary tokens mapped to unk."""
+        ids, oov = self.encode_oov(text)
+        return ids, int(oov.sum())
+
+    def encode_oov(self, text: str) -> tuple[np.ndarray, np.ndarray]:
+        """Token ids (int64) and a bool mask of the tokens that were out of vocabulary (mapped to unk)."""
         if self.kind == "byte":
-            return np.frombuffer(text.encode("utf-8", "surrogateescape"), np.uint8).astype(np.int64), 0
+            ids = np.frombuffer(text.encode("utf-8", "surrogateescape"), np.uint8).astype(np.int64)
+            return ids, np.zeros(len(ids), np.bool_)
         pieces = text.split() if self.kind == "word" else list(text)
         ids = np.empty(len(pieces), np.int64)
-        oov = 0
+        oov = np.zeros(len(pieces), np.bool_)
         get = self.index.get
         for k, p in enumerate(pieces):
             i = get(p)
             if i is None:
                 if self.unk_id is None:
                     raise LstmInferError(f"token {p!r} is not in the vocabulary and the model has no unk token")
-                i, oov = self.unk_id, oov + 1
+                i, oov[k] = self.unk_id, True
             ids[k] = i
         return ids, oov
 
