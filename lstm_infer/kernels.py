@@ -210,6 +210,32 @@ def commit(src, h, out, valid):
                 out[b, j] = _ZERO
 
 
+# Cephes expf: exp(x) = 2^n * e^r with |r| <= ln2/2, r's polynomial to 1 ulp. Kept in two passes (mantissa
+# polynomial, then 2^n built from exponent bits) so both loops vectorise; libm exp is a scalar call here.
+_LOG2E = np.float32(1.44269504088896341)
+_LN2_HI, _LN2_LO = np.float32(0.693359375), np.float32(-2.12194440e-4)
+_E0, _E1, _E2 = np.float32(1.9875691500e-4), np.float32(1.3981999507e-3), np.float32(8.3334519073e-3)
+_E3, _E4, _E5 = np.float32(4.1665795894e-2), np.float32(1.6666665459e-1), np.float32(5.0000001201e-1)
+_EXP_MIN = np.float32(-87.0)  # exp(-87) is still a normal float; anything lower adds < 1e-37 to a sum >= 1
+
+
+@njit(inline="always", **FAST)
+def _sum_exp(row, m, mant, bits):
+    """sum_k exp(row[k] - m) for row (K,) with max m; mant (K,) float32 and bits (K,) int32 scratch."""
+    K = row.shape[0]
+    for k in range(K):
+        x = max(row[k] - m, _EXP_MIN)
+        n = np.floor(x * _LOG2E + _HALF)
+        r = x - n * _LN2_HI - n * _LN2_LO
+        mant[k] = (((((_E0 * r + _E1) * r + _E2) * r + _E3) * r + _E4) * r + _E5) * r * r + r + _ONE
+        bits[k] = (np.int32(n) + 127) << 23
+    scale = bits.view(np.float32)
+    s = np.float32(0.0)
+    for k in range(K):
+        s += mant[k] * scale[k]
+    return s
+
+
 @njit(parallel=True, **FAST)
 def log_softmax_rows(x):
     """In place: x (N, K) logits -> log-probabilities, row by row."""
@@ -218,10 +244,7 @@ def log_softmax_rows(x):
         m = -BIG
         for k in range(K):
             m = max(m, x[n, k])
-        s = np.float32(0.0)
-        for k in range(K):
-            s += np.exp(x[n, k] - m)
-        lse = m + np.log(s)
+        lse = m + np.log(_sum_exp(x[n], m, np.empty(K, np.float32), np.empty(K, np.int32)))
         for k in range(K):
             x[n, k] -= lse
 
@@ -234,7 +257,4 @@ def gather_log_softmax(x, targets, out):
         m = -BIG
         for k in range(K):
             m = max(m, x[n, k])
-        s = np.float32(0.0)
-        for k in range(K):
-            s += np.exp(x[n, k] - m)
-        out[n] = x[n, targets[n]] - m - np.log(s)
+        out[n] = x[n, targets[n]] - m - np.log(_sum_exp(x[n], m, np.empty(K, np.float32), np.empty(K, np.int32)))
