@@ -1,0 +1,99 @@
+"""The machine: what it is (CPU, cores, library versions) and what it can do (sgemm peak, copy bandwidth)."""
+
+from __future__ import annotations
+
+import os
+import platform
+import time
+from importlib import metadata
+
+import numpy as np
+
+PACKAGES = ("lstm-infer", "numba", "numpy", "torch", "onnxruntime", "openvino", "onnx")
+
+
+def cpu_flags() -> set[str]:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    return set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return set()
+
+
+def describe() -> dict:
+    """CPU model, core count, caches, SIMD features and package versions."""
+    model = platform.processor() or "unknown"
+    try:
+        with open("/proc/cpuinfo") as f:
+            model = next((ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")), model)
+    except OSError:
+        pass
+    caches = {}
+    base = "/sys/devices/system/cpu/cpu0/cache"
+    if os.path.isdir(base):
+        for idx in sorted(os.listdir(base)):
+            try:
+                with open(f"{base}/{idx}/level") as f:
+                    level = f.read().strip()
+                with open(f"{base}/{idx}/type") as f:
+                    kind = f.read().strip()
+                with open(f"{base}/{idx}/size") as f:
+                    size = f.read().strip()
+            except OSError:
+                continue
+            caches[f"L{level}{'d' if kind == 'Data' else 'i' if kind == 'Instruction' else ''}"] = size
+    flags = cpu_flags()
+    versions = {}
+    for pkg in PACKAGES:
+        try:
+            versions[pkg] = metadata.version(pkg)
+        except metadata.PackageNotFoundError:
+            versions[pkg] = None
+    blas = []
+    try:
+        from threadpoolctl import threadpool_info
+
+        blas = sorted({f"{p.get('internal_api')} {p.get('version')}" for p in threadpool_info()
+                       if p.get("user_api") == "blas"})
+    except ImportError:
+        pass
+    return {"cpu": model, "cores": os.cpu_count(), "caches_per_core": caches,
+            "simd": sorted(f for f in flags if f.startswith(("avx512f", "avx2", "amx", "avx512_bf16"))),
+            "amx": "amx_bf16" in flags, "python": platform.python_version(), "kernel": platform.release(),
+            "versions": versions, "numpy_blas": blas}
+
+
+def sgemm_peak(threads: int, n: int = 4096, repeats: int = 5) -> dict:
+    """float32 (n, n) @ (n, n) with NumPy's BLAS limited to ``threads``: GFLOP/s best and median of ``repeats``."""
+    from threadpoolctl import threadpool_limits
+
+    rng = np.random.default_rng(0)
+    a = rng.standard_normal((n, n), np.float32)
+    b = rng.standard_normal((n, n), np.float32)
+    c = np.empty((n, n), np.float32)
+    rates = []
+    with threadpool_limits(limits=threads, user_api="blas"):
+        np.matmul(a, b, out=c)  # warm-up: thread pool, page faults
+        for _ in range(repeats):
+            t = time.perf_counter()
+            np.matmul(a, b, out=c)
+            rates.append(2.0 * n ** 3 / (time.perf_counter() - t) / 1e9)
+    return {"threads": threads, "n": n, "gflops_best": max(rates), "gflops_median": float(np.median(rates))}
+
+
+def copy_bandwidth(mbytes: int = 512, repeats: int = 5) -> dict:
+    """np.copyto of a ``mbytes`` MB float32 array, single thread: GB/s counting bytes read + bytes written."""
+    n = mbytes * (1 << 20) // 4
+    src = np.ones(n, np.float32)
+    dst = np.zeros(n, np.float32)
+    np.copyto(dst, src)
+    rates = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        np.copyto(dst, src)
+        rates.append(2.0 * src.nbytes / (time.perf_counter() - t) / 1e9)
+    return {"mbytes": mbytes, "gbs_best": max(rates), "gbs_median": float(np.median(rates)),
+            "counts": "bytes read + bytes written"}

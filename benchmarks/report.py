@@ -1,0 +1,178 @@
+"""Benchmark results (the JSON run.py saves) -> figures, ratios, roofline shares -> a markdown report."""
+
+from __future__ import annotations
+
+import math
+
+from engines import FP32_PEERS, LABELS
+
+AGREEMENT_TOL = 1e-4  # max |lstm-infer - PyTorch| over target log-probs
+PERF_COLUMNS = ["model", "regime", "threads", *[LABELS[e] for e in LABELS], "best fp32 peer",
+                "lstm-infer vs best", "lstm-infer GFLOP/s (% sgemm peak)", "best peer GFLOP/s (% peak)",
+                "weights read / token", "lstm-infer GB/s (% copy bw)", "best peer GB/s (% copy bw)"]
+AGREE_COLUMNS = ["model", "threads", "engine", "batched max abs diff vs PyTorch", "stream max abs diff vs PyTorch",
+                 "greedy = PyTorch", "beam = PyTorch"]
+
+
+def regime_label(name: str, r: dict) -> str:
+    return {"batched": f"batched B{r.get('B')}×T{r.get('T')} (tok/s)", "stream": f"stream B{r.get('B')}×T{r.get('T')} "
+            "(tok/s)", "greedy": f"greedy {r.get('tokens')} tok (ms/token)",
+            "beam": f"beam {r.get('beam')} × {r.get('steps')} steps (ms/step)"}[name]
+
+
+def figure(name: str, r: dict, seconds: float) -> float:
+    """One run's time -> the regime's figure: tok/s (scoring, higher is better) or ms (decoding, lower)."""
+    if name in ("batched", "stream"):
+        return r["B"] * r["T"] / seconds
+    per = r["tokens"] if name == "greedy" else r["steps"]
+    return 1000.0 * seconds / per
+
+
+def higher_is_better(name: str) -> bool:
+    return name in ("batched", "stream")
+
+
+def rows_per_second(name: str, r: dict, value: float) -> float:
+    """Token-rows processed per second (beam: k rows per step), for the FLOP rate."""
+    if higher_is_better(name):
+        return value
+    rows = r["beam"] if name == "beam" else 1
+    return rows * 1000.0 / value
+
+
+def steps_per_second(name: str, value: float) -> float | None:
+    """Weight passes per second for batch-1 decoding (one pass per token / beam step), else None."""
+    return None if higher_is_better(name) else 1000.0 / value
+
+
+def _num(v: float, name: str) -> str:
+    return f"{v:,.0f}" if higher_is_better(name) else f"{v:.3g}" if v < 10 else f"{v:.1f}"
+
+
+def _pct(x: float, ref: float | None) -> str:
+    num = f"{x:,.0f}" if x >= 10 else f"{x:.2g}"
+    return f"{num} ({100 * x / ref:.0f}%)" if ref else num
+
+
+def _gflops(value: float | None, ctx: tuple) -> str:
+    """Achieved GFLOP/s of a figure and its share of the sgemm peak at that thread count."""
+    name, r, info, peak, _ = ctx
+    if not value:
+        return ""
+    return _pct(rows_per_second(name, r, value) * info["flops_per_token"]["total"] / 1e9, peak)
+
+
+def _gbs(value: float | None, ctx: tuple) -> str:
+    """Weight bytes read per second by batch-1 decoding and their share of the copy bandwidth."""
+    name, _, info, _, bw = ctx
+    steps = steps_per_second(name, value) if value else None
+    if not steps:
+        return ""
+    gbs = steps * info["weight_bytes_per_token"] / 1e9
+    return f"{gbs:.1f} ({100 * gbs / bw:.0f}%)"
+
+
+def perf_rows(res: dict) -> list[list[str]]:
+    """One row per (model, regime, threads), in the order they were measured."""
+    table: dict[tuple, dict] = {}
+    for m in res["timings"]:
+        table.setdefault((m["model"], m["regime"], m["threads"]), {})[m["engine"]] = m["value"]
+    rows = []
+    for (model, name, threads), vals in table.items():
+        r = res["settings"]["regimes"][name]
+        best_fn = max if higher_is_better(name) else min
+        peers = {e: v for e, v in vals.items() if e in FP32_PEERS}
+        best_e = best_fn(peers, key=peers.get) if peers else None
+        ours = vals.get("lstm-infer")
+        ratio = ""
+        if ours and best_e:
+            ratio = f"{(ours / peers[best_e] if higher_is_better(name) else peers[best_e] / ours):.2f}×"
+        info = res["models"][model]
+        ctx = (name, r, info, res["sgemm"].get(str(threads), {}).get("gflops_best"), res["copy"]["gbs_best"])
+        rows.append([model, regime_label(name, r), str(threads)]
+                    + [_num(vals[e], name) if e in vals else "–" for e in LABELS]
+                    + [LABELS[best_e] if best_e else "–", ratio, _gflops(ours, ctx), _gflops(peers.get(best_e), ctx),
+                       "" if higher_is_better(name) else f"{info['weight_bytes_per_token'] / 1e6:.1f} MB",
+                       _gbs(ours, ctx), _gbs(peers.get(best_e), ctx)])
+    return rows
+
+
+def agreement_ok(a: dict) -> bool:
+    """lstm-infer's numbers match PyTorch: log-probs within AGREEMENT_TOL, greedy tokens identical."""
+    diffs = [a.get(k) for k in ("batched_max_abs_diff", "stream_max_abs_diff") if a.get(k) is not None]
+    return all(d <= AGREEMENT_TOL for d in diffs) and a.get("greedy_equal") is not False
+
+
+def _diff(d: float | None) -> str:
+    return "–" if d is None else "nan" if math.isnan(d) else f"{d:.1e}"
+
+
+def agree_rows(res: dict) -> list[list[str]]:
+    rows = []
+    for a in res["agreement"]:
+        mark = "" if a["engine"] != "lstm-infer" else (" ✓" if agreement_ok(a) else " ✗ FAILS")
+        eq = lambda v: "–" if v is None else "yes" if v else "no"  # noqa: E731
+        rows.append([a["model"], str(a["threads"]), LABELS[a["engine"]] + mark, _diff(a.get("batched_max_abs_diff")),
+                     _diff(a.get("stream_max_abs_diff")), eq(a.get("greedy_equal")), eq(a.get("beam_equal"))])
+    return rows
+
+
+def _table(cols: list[str], rows: list[list[str]]) -> str:
+    lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    lines += ["| " + " | ".join(r) + " |" for r in rows]
+    return "\n".join(lines)
+
+
+def markdown(res: dict) -> str:
+    """The whole report: machine, performance table, agreement table, CLI table, notes."""
+    mc = res["machine"]
+    v = mc["versions"]
+    st = res["settings"]
+    peaks = ", ".join(f"{t} thread{'s' if int(t) > 1 else ''}: {p['gflops_best']:.0f} GFLOP/s"
+                      for t, p in res["sgemm"].items())
+    parts = [
+        f"# lstm-infer benchmark ({res['date']})",
+        "",
+        f"Command: `{res['command']}`",
+        "",
+        f"- CPU: {mc['cpu']}, {mc['cores']} cores; caches per core {mc['caches_per_core']}; "
+        f"{', '.join(mc['simd'])}",
+        "- Versions: " + ", ".join(f"{k} {val}" for k, val in v.items() if val) + f"; Python {mc['python']}; "
+        f"NumPy BLAS {', '.join(mc['numpy_blas'])}",
+        f"- sgemm peak (NumPy float32 {next(iter(res['sgemm'].values()))['n']}³, best of runs): {peaks}",
+        f"- Copy bandwidth (np.copyto {res['copy']['mbytes']} MB, read + write, 1 thread): "
+        f"{res['copy']['gbs_best']:.1f} GB/s",
+        f"- Medians of {st['runs']} runs after {st['warmup']} warm-up run(s); engines interleaved round by round, "
+        "each in its own process with OMP/MKL/OpenBLAS/Numba threads set to the thread count.",
+        "",
+        "## Speed",
+        "",
+        "Scoring figures are tokens/s (higher is better) and include log-softmax and the gather of the targets' "
+        "log-probs; decoding figures are ms (lower is better). *lstm-infer vs best* is lstm-infer's speed "
+        "divided by the best fp32 peer's (above 1: lstm-infer is faster). OV bf16 is OpenVINO's default on AMX "
+        "CPUs: not fp32, so it is never the best peer. GFLOP/s count 2·4H·(I+H) per LSTM layer + 2·H·V per "
+        "token (beam: per row); GB/s count the float32 weights one batch-1 step reads (LSTM + head) once per "
+        "token or beam step.",
+        "",
+        _table(PERF_COLUMNS, perf_rows(res)),
+        "",
+        "## Numerical agreement (same run, same inputs)",
+        "",
+        f"lstm-infer must stay within {AGREEMENT_TOL:g} of PyTorch on every target log-prob and produce the same "
+        "greedy tokens.",
+        "",
+        _table(AGREE_COLUMNS, agree_rows(res)),
+    ]
+    if res.get("cli"):
+        parts += ["", "## `lstm-infer score` on a one-line file (wall time of the whole command)", "",
+                  _table(["model", "threads", "tokens", "cold Numba cache (s)", "warm (s)"],
+                         [[c["model"], str(c["threads"]), str(c["tokens"]), f"{c['cold_median_s']:.2f}",
+                           f"{c['warm_median_s']:.2f}"] for c in res["cli"]])]
+    notes = [f"- {m}: built from {i['converted_from']}" for m, i in res["models"].items()]
+    notes += [f"- {m}: skipped ({why})" for m, why in res.get("skipped", {}).items()]
+    notes += [f"- {f['model']} / {f['threads']} threads / {f['engine']}: failed ({f['error']})"
+              for f in res.get("failures", [])]
+    notes += [f"- {n}" for n in res.get("notes", [])]
+    if notes:
+        parts += ["", "## Notes", "", *notes]
+    return "\n".join(parts) + "\n"

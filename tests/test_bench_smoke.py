@@ -1,0 +1,43 @@
+"""Smoke test of the benchmark harness: one tiny run end to end (no timing assertions)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+pytest.importorskip("torch")
+pytest.importorskip("onnxruntime")
+
+
+def test_tiny_run_makes_table_and_agrees(tmp_path):
+    cmd = [sys.executable, str(ROOT / "benchmarks" / "run.py"), "--models", "tiny", "--engines",
+           "lstm-infer,pytorch,onnxruntime", "--regimes", "batched,greedy", "--threads", "1", "--runs", "1",
+           "--warmup", "0", "--greedy-tokens", "20", "--sgemm-size", "128", "--copy-mb", "8",
+           "--work", str(tmp_path / "work"), "--out", str(tmp_path / "res"), "--name", "smoke"]
+    p = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stderr[-3000:]
+    md = (tmp_path / "res" / "smoke.md").read_text()
+    res = json.loads((tmp_path / "res" / "smoke.json").read_text())
+
+    header = next(line for line in md.splitlines() if line.startswith("| model | regime |"))
+    for col in ("lstm-infer", "PyTorch", "ORT", "best fp32 peer", "lstm-infer vs best",
+                "lstm-infer GFLOP/s (% sgemm peak)", "weights read / token", "lstm-infer GB/s (% copy bw)"):
+        assert f"| {col} |" in header
+    rows = [line for line in md.splitlines() if line.startswith(("| tiny | batched", "| tiny | greedy"))]
+    assert len(rows) == 2
+
+    got = {(t["engine"], t["regime"]) for t in res["timings"]}
+    assert got == {(e, r) for e in ("lstm-infer", "pytorch", "onnxruntime") for r in ("batched", "greedy")}
+    assert all(t["value"] > 0 and len(t["seconds"]) == 1 for t in res["timings"])
+    assert res["models"]["tiny"]["flops_per_token"]["total"] == 2 * 4 * 16 * 32 * 2 + 2 * 16 * 50
+    assert res["sgemm"]["1"]["gflops_best"] > 0 and res["copy"]["gbs_best"] > 0
+
+    ours = next(a for a in res["agreement"] if a["engine"] == "lstm-infer")
+    assert ours["batched_max_abs_diff"] <= 1e-4
+    assert ours["greedy_equal"] is True
+    assert not res["failures"]
