@@ -1,0 +1,572 @@
+"""Compiled decoding: one recurrent step for many rows, the output head, token choice, beam bookkeeping.
+
+The loops ``decode_rows`` (greedy / sampling) and ``beam_search`` run many tokens in one call, so no
+Python runs per token. The pickers and the beam update are plain @njit functions that the slow
+``Model.step`` fallback in decoding.py calls too, so both paths choose tokens by the same code.
+
+``net`` (built once per Model by decoding.py) is a tuple
+``(cell, flags, w, woff, isz, bias, b_hn, w_hr, emb, head_w, head_b)``:
+
+    cell   int         0 lstm, 1 gru, 2 rnn; every layer the same cell, H and P
+    flags  (L, 2)      int64 per layer: linear_before_reset, activation code (rnn: 1 tanh, 2 relu)
+    w      (sum_l H*G*K_l,) float32: layer l at w[woff[l]:woff[l+1]] viewed (H, G, K_l), K_l = I_l + P:
+                        row [j, g] = [W_ih row g*H+j | W_hh row g*H+j], so one hidden unit's weights
+                        for all gates sit together and each thread streams its own block of units
+    woff   (L+1,) int64,  isz (L,) int64 input size I_l
+    bias   (L, H, G)   summed biases (gru: n keeps b_in),  b_hn (L, H) gru recurrent bias of n
+    w_hr   (L, P, H)   lstm projection, (L, 0, 0) without
+    emb    (V, E),  head_w (K, F),  head_b (K,)
+
+State lives in double buffers: hbuf (2, L, R, P), cbuf (2, L, R, H). A step reads the ``cur`` half and
+writes the other; row b continues from row ``par[b]`` of the old half, which is how beams reorder
+(and sampled rows fork from one prompt) without copying any state.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from numba import njit, prange
+
+from .kernels import BIG, FAST, fsigmoid, ftanh
+
+F32 = np.float32
+_ZERO, _ONE, _HALF = F32(0.0), F32(1.0), F32(0.5)
+
+# exp for x <= 0 (Cephes expf polynomial, relative error ~2e-7): vectorises where np.exp is a libm call.
+_LOG2E, _LN2_HI, _LN2_LO = F32(1.44269504088896341), F32(0.693359375), F32(-2.12194440e-4)
+_E0, _E1, _E2 = F32(1.9875691500e-4), F32(1.3981999507e-3), F32(8.3334519073e-3)
+_E3, _E4, _E5 = F32(4.1665795894e-2), F32(1.6666665459e-1), F32(5.0000001201e-1)
+_POW2 = np.array([2.0 ** k for k in range(-126, 1)], np.float32)  # 2**n for n in [-126, 0]
+
+
+@njit(inline="always", **FAST)
+def fexp(x):
+    x = min(max(x, F32(-87.0)), _ZERO)
+    n = np.floor(x * _LOG2E + _HALF)
+    r = x - n * _LN2_HI - n * _LN2_LO
+    p = (((((_E0 * r + _E1) * r + _E2) * r + _E3) * r + _E4) * r + _E5) * r * r + r + _ONE
+    return p * _POW2[np.int64(n) + 126]
+
+
+# --------------------------------------------------------------------------- recurrent cells
+
+@njit(parallel=True, **FAST)
+def lstm_cells(w, bias, x, hp, cp, par, n, c_out, y_out):
+    """Rows b < n: input x[b] (I,), state hp[par[b]] (P,), cp[par[b]] (H,) -> c_out[b], y_out[b] (H,).
+
+    w (H, 4, I+P) gates i, f, g, o; bias (H, 4); y = o * tanh(c), the hidden state before projection.
+    """
+    H = w.shape[0]
+    I = x.shape[1]
+    P = hp.shape[1]
+    for j in prange(H):
+        wi, wf, wg, wo = w[j, 0], w[j, 1], w[j, 2], w[j, 3]
+        for b in range(n):
+            xb, hb = x[b], hp[par[b]]
+            si, sf, sg, so = bias[j, 0], bias[j, 1], bias[j, 2], bias[j, 3]
+            for k in range(I):
+                v = xb[k]
+                si += wi[k] * v
+                sf += wf[k] * v
+                sg += wg[k] * v
+                so += wo[k] * v
+            for k in range(P):
+                v = hb[k]
+                si += wi[I + k] * v
+                sf += wf[I + k] * v
+                sg += wg[I + k] * v
+                so += wo[I + k] * v
+            c = fsigmoid(sf) * cp[par[b], j] + fsigmoid(si) * ftanh(sg)
+            c_out[b, j] = c
+            y_out[b, j] = fsigmoid(so) * ftanh(c)
+
+
+@njit(parallel=True, **FAST)
+def project(w_hr, y, n, h_out):
+    """LSTM projection: h_out[b] (P,) = w_hr (P, H) @ y[b] (H,) for rows b < n."""
+    P, H = w_hr.shape
+    for p in prange(P):
+        row = w_hr[p]
+        for b in range(n):
+            yb = y[b]
+            s = _ZERO
+            for k in range(H):
+                s += row[k] * yb[k]
+            h_out[b, p] = s
+
+
+@njit(parallel=True, **FAST)
+def gru_cells(w, bias, b_hn, x, hp, par, n, h_out):
+    """GRU, linear_before_reset form: n = tanh(W_in x + b_in + r * (W_hn h + b_hn)). w (H, 3, I+P)."""
+    H = w.shape[0]
+    I = x.shape[1]
+    P = hp.shape[1]
+    for j in prange(H):
+        wr, wz, wn = w[j, 0], w[j, 1], w[j, 2]
+        for b in range(n):
+            xb, hb = x[b], hp[par[b]]
+            sr, sz, nx, nh = bias[j, 0], bias[j, 1], bias[j, 2], b_hn[j]
+            for k in range(I):
+                v = xb[k]
+                sr += wr[k] * v
+                sz += wz[k] * v
+                nx += wn[k] * v
+            for k in range(P):
+                v = hb[k]
+                sr += wr[I + k] * v
+                sz += wz[I + k] * v
+                nh += wn[I + k] * v
+            z = fsigmoid(sz)
+            h_out[b, j] = (_ONE - z) * ftanh(nx + fsigmoid(sr) * nh) + z * hb[j]
+
+
+@njit(parallel=True, **FAST)
+def gru_gates0(w, bias, x, hp, par, n, zb, nxb, rh):
+    """GRU without linear_before_reset, phase 1: z, W_in x + b_n, and r * h (all (R, H)) for rows b < n."""
+    H = w.shape[0]
+    I = x.shape[1]
+    P = hp.shape[1]
+    for j in prange(H):
+        wr, wz, wn = w[j, 0], w[j, 1], w[j, 2]
+        for b in range(n):
+            xb, hb = x[b], hp[par[b]]
+            sr, sz, nx = bias[j, 0], bias[j, 1], bias[j, 2]
+            for k in range(I):
+                v = xb[k]
+                sr += wr[k] * v
+                sz += wz[k] * v
+                nx += wn[k] * v
+            for k in range(P):
+                v = hb[k]
+                sr += wr[I + k] * v
+                sz += wz[I + k] * v
+            zb[b, j] = fsigmoid(sz)
+            nxb[b, j] = nx
+            rh[b, j] = fsigmoid(sr) * hb[j]
+
+
+@njit(parallel=True, **FAST)
+def gru_update0(w, I, hp, par, n, zb, nxb, rh, h_out):
+    """Phase 2: n = tanh(W_in x + b_n + W_hn (r * h)), b_n holding both biases; h' = (1 - z) n + z h."""
+    H = w.shape[0]
+    for j in prange(H):
+        wn = w[j, 2]
+        for b in range(n):
+            rb = rh[b]
+            s = nxb[b, j]
+            for k in range(H):
+                s += wn[I + k] * rb[k]
+            z = zb[b, j]
+            h_out[b, j] = (_ONE - z) * ftanh(s) + z * hp[par[b], j]
+
+
+@njit(parallel=True, **FAST)
+def rnn_cells(w, bias, act, x, hp, par, n, h_out):
+    """Elman RNN: h' = act(W_ih x + W_hh h + b), act 1 tanh, 2 relu. w (H, 1, I+P)."""
+    H = w.shape[0]
+    I = x.shape[1]
+    P = hp.shape[1]
+    for j in prange(H):
+        wr = w[j, 0]
+        for b in range(n):
+            xb, hb = x[b], hp[par[b]]
+            s = bias[j, 0]
+            for k in range(I):
+                s += wr[k] * xb[k]
+            for k in range(P):
+                s += wr[I + k] * hb[k]
+            h_out[b, j] = ftanh(s) if act == 1 else max(s, _ZERO)
+
+
+@njit(**FAST)
+def _layer(net, l, x, hbuf, cbuf, scratch, cur, par, n):
+    cell, flags, w, woff, isz, bias, b_hn, w_hr, emb, head_w, head_b = net
+    H, G = bias.shape[1], bias.shape[2]
+    P = hbuf.shape[3]
+    wl = w[woff[l]:woff[l + 1]].reshape((H, G, isz[l] + P))
+    nxt = 1 - cur
+    h_out = hbuf[nxt, l]
+    if cell == 0:
+        if w_hr.shape[1] == 0:
+            lstm_cells(wl, bias[l], x, hbuf[cur, l], cbuf[cur, l], par, n, cbuf[nxt, l], h_out)
+        else:
+            lstm_cells(wl, bias[l], x, hbuf[cur, l], cbuf[cur, l], par, n, cbuf[nxt, l], scratch[0])
+            project(w_hr[l], scratch[0], n, h_out)
+    elif cell == 1:
+        if flags[l, 0]:
+            gru_cells(wl, bias[l], b_hn[l], x, hbuf[cur, l], par, n, h_out)
+        else:
+            gru_gates0(wl, bias[l], x, hbuf[cur, l], par, n, scratch[0], scratch[1], scratch[2])
+            gru_update0(wl, isz[l], hbuf[cur, l], par, n, scratch[0], scratch[1], scratch[2], h_out)
+    else:
+        rnn_cells(wl, bias[l], flags[l, 1], x, hbuf[cur, l], par, n, h_out)
+
+
+@njit(**FAST)
+def stack_step(net, hbuf, cbuf, scratch, cur, tok, par, n):
+    """Rows b < n take token tok[b] and continue state row par[b] of half ``cur``; writes half 1 - cur.
+
+    scratch (3, R, H) float32. The embedding rows are copied first so every layer sees the same
+    array type (one compiled version of each cell kernel).
+    """
+    emb = net[8]
+    x0 = np.empty((n, emb.shape[1]), F32)
+    for b in range(n):
+        x0[b] = emb[tok[b]]
+    for l in range(hbuf.shape[1]):
+        x = x0 if l == 0 else hbuf[1 - cur, l - 1]
+        _layer(net, l, x, hbuf, cbuf, scratch, cur, par, n)
+
+
+# --------------------------------------------------------------------------- output head
+
+@njit(parallel=True, **FAST)
+def head_blocks(head_w, head_b, f, n, nblk, logits, bmax, bsum):
+    """logits[b] (K,) = head_w (K, F) @ f[b] + head_b for rows b < n, in nblk vocabulary blocks.
+
+    Per block and row also the max (bmax (R, nblk)) and sum of exp(logit - max) (bsum), so that the
+    log-sum-exp needs no second pass over the vocabulary.
+    """
+    K, F = head_w.shape
+    for blk in prange(nblk):
+        lo, hi = blk * K // nblk, (blk + 1) * K // nblk
+        for v in range(lo, hi):
+            row = head_w[v]
+            for b in range(n):
+                fb = f[b]
+                s = head_b[v]
+                for k in range(F):
+                    s += row[k] * fb[k]
+                logits[b, v] = s
+        for b in range(n):
+            lb = logits[b]
+            m = -BIG
+            for v in range(lo, hi):
+                m = max(m, lb[v])
+            s = _ZERO
+            for v in range(lo, hi):
+                s += fexp(lb[v] - m)
+            bmax[b, blk] = m
+            bsum[b, blk] = s
+
+
+@njit(**FAST)
+def head_lse(head_w, head_b, f, n, nblk, logits, bmax, bsum, lse):
+    """Logits of rows b < n into logits (R, K) and their log-sum-exp into lse (R,) float64."""
+    head_blocks(head_w, head_b, f, n, nblk, logits, bmax, bsum)
+    for b in range(n):
+        m = -BIG
+        for k in range(nblk):
+            m = max(m, bmax[b, k])
+        s = 0.0
+        for k in range(nblk):
+            s += np.float64(bsum[b, k]) * np.exp(np.float64(bmax[b, k] - m))
+        lse[b] = m + np.log(s)
+
+
+# --------------------------------------------------------------------------- choosing tokens
+
+@njit(**FAST)
+def pick_greedy(row, ban):
+    """Index of the largest entry of row (K,), skipping index ``ban`` (-1: none); first on ties."""
+    saved = _ZERO
+    if ban >= 0:
+        saved = row[ban]
+        row[ban] = -BIG
+    m = -BIG
+    for v in range(row.shape[0]):
+        m = max(m, row[v])
+    arg = 0
+    for v in range(row.shape[0]):
+        if row[v] == m:
+            arg = v
+            break
+    if ban >= 0:
+        row[ban] = saved
+    return arg
+
+
+@njit(**FAST)
+def pick_sample(row, ban, temperature, top_k, top_p, u, e, idx):
+    """Draw from softmax(row / temperature) restricted to the top_k entries (0: all), then to the
+    nucleus: the fewest most-probable entries whose renormalised mass reaches top_p. u in [0, 1).
+
+    row (K,) logits; e (K,) float32 and idx (K,) int64 scratch. Index ``ban`` (-1: none) has mass 0.
+    """
+    K = row.shape[0]
+    m = -BIG
+    for v in range(K):
+        if v != ban:
+            m = max(m, row[v])
+    inv = F32(1.0 / temperature)
+    total = 0.0
+    for v in range(K):
+        e[v] = fexp((row[v] - m) * inv)
+    if ban >= 0:
+        e[ban] = _ZERO
+    for v in range(K):
+        total += e[v]
+    if top_k == 0 and top_p >= 1.0:
+        target, cum = u * total, 0.0
+        last = 0
+        for v in range(K):
+            if e[v] > 0:
+                cum += e[v]
+                last = v
+                if cum > target:
+                    return v
+        return last
+    # The answer lies among the entries above some threshold t: lower t until that set holds top_k
+    # entries (top_k > 0: the nucleus is then inside the top k) or top_p of the mass, then sort it alone.
+    t = F32(1.0)
+    while True:
+        t *= F32(0.0625)
+        if t < F32(1e-30):
+            t = F32(0.0)
+        cnt, mass = 0, 0.0
+        for v in range(K):
+            if e[v] >= t and e[v] > 0:
+                cnt += 1
+                mass += e[v]
+        if t == 0 or (cnt >= top_k if top_k > 0 else mass >= top_p * total):
+            break
+    cnt = 0
+    for v in range(K):
+        if e[v] >= t and e[v] > 0:
+            idx[cnt] = v
+            cnt += 1
+    sel = idx[:cnt]
+    order = np.argsort(-e[sel], kind="mergesort")  # stable: equal masses keep index order
+    keep = min(cnt, top_k) if top_k > 0 else cnt
+    mass = 0.0
+    for i in range(keep):
+        mass += e[sel[order[i]]]
+    if top_p < 1.0:
+        cum, need = 0.0, top_p * mass
+        for i in range(keep):
+            cum += e[sel[order[i]]]
+            if cum >= need:
+                keep = i + 1
+                mass = cum
+                break
+    target, cum = u * mass, 0.0
+    for i in range(keep):
+        cum += e[sel[order[i]]]
+        if cum > target:
+            return sel[order[i]]
+    return sel[order[keep - 1]]
+
+
+@njit(**FAST)
+def pick_rows(logits, lse, n, t, min_new, eos, stop, sample, temperature, top_k, top_p, rng,
+              done, tok, out_ids, out_lp, e, idx):
+    """Step t of greedy or sampled decoding for rows b < n that are not done.
+
+    logits (R, K) and lse (R,): log-probs are logits - lse. Writes out_ids[b, t] (int64) and
+    out_lp[b, t] (float64, the model's log-prob, untempered), sets tok[b] to the next input, and marks a
+    row done when it emits eos and ``stop``. eos < 0: none. One rng draw per sampled row. Returns
+    whether every row is done.
+    """
+    ban = eos if (eos >= 0 and t < min_new) else -1
+    all_done = True
+    for b in range(n):
+        if done[b]:
+            continue
+        if sample:
+            v = pick_sample(logits[b], ban, temperature, top_k, top_p, rng.random(), e, idx)
+        else:
+            v = pick_greedy(logits[b], ban)
+        out_ids[b, t] = v
+        out_lp[b, t] = np.float64(logits[b, v]) - lse[b]
+        tok[b] = v
+        if stop and v == eos:
+            done[b] = True
+        else:
+            all_done = False
+    return all_done
+
+
+@njit(**FAST)
+def decode_rows(net, hbuf, cbuf, scratch, cur, tok, par, n, t0, steps, nblk, min_new, eos, stop,
+                sample, temperature, top_k, top_p, rng, done, out_ids, out_lp):
+    """Greedy or sampled decoding of n rows for up to ``steps`` tokens starting at step t0.
+
+    Row b starts from token tok[b] and state row par[b] of half ``cur``; afterwards par is the identity.
+    Returns (the step after the last one run, the half holding the state).
+    """
+    head_w, head_b = net[9], net[10]
+    K = head_w.shape[0]
+    L = hbuf.shape[1]
+    logits = np.empty((n, K), F32)
+    bmax, bsum = np.empty((n, nblk), F32), np.empty((n, nblk), F32)
+    lse = np.empty(n)
+    e, idx = np.empty(K, F32), np.empty(K, np.int64)
+    ident = np.arange(n)
+    t = t0
+    while t < t0 + steps:
+        stack_step(net, hbuf, cbuf, scratch, cur, tok, par, n)
+        cur = 1 - cur
+        par[:n] = ident
+        head_lse(head_w, head_b, hbuf[cur, L - 1], n, nblk, logits, bmax, bsum, lse)
+        all_done = pick_rows(logits, lse, n, t, min_new, eos, stop, sample, temperature, top_k, top_p, rng,
+                             done, tok, out_ids, out_lp, e, idx)
+        t += 1
+        if all_done:
+            break
+    return t, cur
+
+
+# --------------------------------------------------------------------------- beam search
+
+@njit(parallel=True, **FAST)
+def block_candidates(logits, base, n, ban, nblk, cs, ci, cnt):
+    """Per vocabulary block, the best C = cs.shape[1] of base[b] + logits[b, v] over rows b < n,
+    v != ban, sorted by score, then by flat index b * K + v (ties keep the lower index)."""
+    K = logits.shape[1]
+    C = cs.shape[1]
+    for blk in prange(nblk):
+        lo, hi = blk * K // nblk, (blk + 1) * K // nblk
+        m = 0
+        for b in range(n):
+            bb = base[b]
+            lb = logits[b]
+            for v in range(lo, hi):
+                s = bb + lb[v]
+                if v == ban or (m == C and s <= cs[blk, C - 1]):
+                    continue
+                i = min(m, C - 1)
+                while i > 0 and cs[blk, i - 1] < s:
+                    cs[blk, i] = cs[blk, i - 1]
+                    ci[blk, i] = ci[blk, i - 1]
+                    i -= 1
+                cs[blk, i] = s
+                ci[blk, i] = b * K + v
+                m = min(m + 1, C)
+        cnt[blk] = m
+
+
+@njit(**FAST)
+def _better(s1, i1, s2, i2):
+    return s1 > s2 or (s1 == s2 and i1 < i2)
+
+
+@njit(**FAST)
+def merge_candidates(cs, ci, cnt, ms, mi):
+    """Merge the blocks' lists into the best C overall, same order. Returns how many."""
+    C = ms.shape[0]
+    m = 0
+    for blk in range(cs.shape[0]):
+        for r in range(cnt[blk]):
+            s, fi = cs[blk, r], ci[blk, r]
+            if m == C and not _better(s, fi, ms[C - 1], mi[C - 1]):
+                break  # this block's later entries are worse still
+            i = min(m, C - 1)
+            while i > 0 and _better(s, fi, ms[i - 1], mi[i - 1]):
+                ms[i] = ms[i - 1]
+                mi[i] = mi[i - 1]
+                i -= 1
+            ms[i] = s
+            mi[i] = fi
+            m = min(m + 1, C)
+    return m
+
+
+@njit(**FAST)
+def add_finished(fin_score, fin_lp, fin_t, fin_b, fin_end, fcount, score, lp, t, b, ended):
+    """Keep the best N = fin_score.shape[0] finished hypotheses, sorted by score (earlier first on ties)."""
+    N = fin_score.shape[0]
+    m = fcount[0]
+    if m == N and score <= fin_score[N - 1]:
+        return
+    i = min(m, N - 1)
+    while i > 0 and fin_score[i - 1] < score:
+        fin_score[i], fin_lp[i], fin_t[i] = fin_score[i - 1], fin_lp[i - 1], fin_t[i - 1]
+        fin_b[i], fin_end[i] = fin_b[i - 1], fin_end[i - 1]
+        i -= 1
+    fin_score[i], fin_lp[i], fin_t[i], fin_b[i], fin_end[i] = score, lp, t, b, ended
+    fcount[0] = min(m + 1, N)
+
+
+@njit(**FAST)
+def beam_update(logits, lse, live, n, t, beam, max_new, min_new, eos, stop, alpha, nblk,
+                hist, back, fin_score, fin_lp, fin_t, fin_b, fin_end, fcount):
+    """One beam step after the model scored the n live beams: logits (R, K), lse (R,).
+
+    live (beam,) float64 holds the live beams' summed log-probs, best first; it is replaced by the
+    new beams'. hist[t, i] / back[t, i] receive new beam i's token and parent slot. Candidates are the
+    best 2 * beam (beam, token) pairs; one ending in eos (when ``stop``) finishes if it ranks within
+    the first ``beam``; the others fill the new beams. A hypothesis' score is log_prob / length**alpha,
+    its length counting the eos. Returns (new live count, whether the search is over: at max_new, no
+    live beam left, or the N = fin_score.shape[0] best finished cannot be beaten by a live beam).
+    """
+    K = logits.shape[1]
+    C = 2 * beam
+    base = np.empty(n)
+    for b in range(n):
+        base[b] = live[b] - lse[b]
+    ban = eos if (eos >= 0 and t < min_new) else -1
+    cs, ci, cnt = np.empty((nblk, C)), np.empty((nblk, C), np.int64), np.empty(nblk, np.int64)
+    block_candidates(logits, base, n, ban, nblk, cs, ci, cnt)
+    ms, mi = np.empty(C), np.empty(C, np.int64)
+    mc = merge_candidates(cs, ci, cnt, ms, mi)
+    nl = 0
+    for r in range(mc):
+        b, v = mi[r] // K, mi[r] % K
+        if stop and v == eos:
+            if r < beam:
+                add_finished(fin_score, fin_lp, fin_t, fin_b, fin_end, fcount, ms[r] / (t + 1.0) ** alpha,
+                             ms[r], t, b, True)
+        elif nl < beam:
+            hist[t, nl] = v
+            back[t, nl] = b
+            live[nl] = ms[r]
+            nl += 1
+        if nl == beam and r >= beam - 1:
+            break
+    N = fin_score.shape[0]
+    if nl == 0:
+        return 0, True
+    if t + 1 == max_new:
+        for i in range(nl):
+            add_finished(fin_score, fin_lp, fin_t, fin_b, fin_end, fcount, live[i] / (t + 1.0) ** alpha,
+                         live[i], t, i, False)
+        return nl, True
+    if fcount[0] < N:
+        return nl, False
+    # The best any live beam can still score: its log-prob only falls, so with alpha > 0 the longest
+    # length is its best case, with alpha <= 0 the shortest (one more token).
+    longest = max_new if alpha > 0 else t + 2.0
+    return nl, live[0] / longest ** alpha <= fin_score[N - 1]
+
+
+@njit(**FAST)
+def trace(hist, back, t, b, out):
+    """Tokens of beam slot b after step t into out[:t + 1], following back-pointers."""
+    for s in range(t, -1, -1):
+        out[s] = hist[s, b]
+        b = back[s, b]
+
+
+@njit(**FAST)
+def beam_search(net, hbuf, cbuf, scratch, cur, tok0, beam, max_new, min_new, eos, stop, alpha, nblk,
+                hist, back, fin_score, fin_lp, fin_t, fin_b, fin_end, fcount):
+    """Beam search from state row 0 of half ``cur`` and input token tok0; see beam_update."""
+    head_w, head_b = net[9], net[10]
+    K = head_w.shape[0]
+    L = hbuf.shape[1]
+    logits = np.empty((beam, K), F32)
+    bmax, bsum = np.empty((beam, nblk), F32), np.empty((beam, nblk), F32)
+    lse, live = np.empty(beam), np.zeros(beam)
+    tok, par = np.zeros(beam, np.int64), np.zeros(beam, np.int64)
+    tok[0] = tok0
+    n = np.int64(1)  # not a literal: one compiled stack_step serves both loops
+    for t in range(max_new):
+        stack_step(net, hbuf, cbuf, scratch, cur, tok, par, n)
+        cur = 1 - cur
+        head_lse(head_w, head_b, hbuf[cur, L - 1], n, nblk, logits, bmax, bsum, lse)
+        n, over = beam_update(logits, lse, live, n, t, beam, max_new, min_new, eos, stop, alpha, nblk,
+                              hist, back, fin_score, fin_lp, fin_t, fin_b, fin_end, fcount)
+        if over:
+            break
+        tok[:n] = hist[t, :n]
+        par[:n] = back[t, :n]

@@ -1,0 +1,454 @@
+"""Text generation over a Model: greedy search, beam search and sampling (issue 6).
+
+A sequence is the model's start symbol (bos, else eos; none without a tokenizer), then the prompt's
+tokens, then the new tokens. The prompt runs through the batched engine once ("prefill"); new tokens
+come from the compiled loops in decode_kernels.py, or, for stacks those loops do not cover (custom
+activations, peepholes, clip, coupled gates, mixed layers), from a slower loop over ``Model.step``
+that chooses tokens with the same compiled pickers.
+
+The compiled path re-lays the recurrent weights once per Model (W_ih and W_hh side by side,
+interleaved per hidden unit, see decode_kernels) and caches that copy on the Model: extra memory equal
+to the recurrent weights (embedding and head are used in place).
+"""
+
+from __future__ import annotations
+
+import codecs
+import math
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from . import decode_kernels as dk
+from . import recurrent
+from .errors import LstmInferError
+from .format import CELLS
+
+F32 = np.float32
+METHODS = ("greedy", "beam", "sample")
+ENGINES = ("auto", "compiled", "step")
+CELL_CODES = {"lstm": 0, "gru": 1, "rnn": 2}
+
+
+@dataclass
+class Hypothesis:
+    """One continuation. ``ids`` and ``text`` hold only the new tokens, without the eos that ended it;
+    ``log_prob`` is their summed natural-log probability under the model (the eos included when
+    ``ended``); ``score`` = log_prob / length ** length_penalty, the length counting that eos."""
+
+    text: str | None
+    ids: list[int]
+    log_prob: float
+    score: float
+    ended: bool
+
+
+@dataclass(frozen=True)
+class Options:
+    method: str = "greedy"
+    max_new_tokens: int = 100
+    min_new_tokens: int = 0
+    beam_size: int = 5
+    num_hypotheses: int = 1
+    length_penalty: float = 1.0
+    temperature: float = 1.0
+    top_k: int = 0
+    top_p: float = 1.0
+    seed: int | None = None
+    stop_at_eos: bool = True
+    engine: str = "auto"
+
+    def check(self) -> Options:
+        def integer(name: str, lo: int, hi: float = math.inf) -> int:
+            v = getattr(self, name)
+            if not isinstance(v, (int, np.integer)) or isinstance(v, bool) or not lo <= v <= hi:
+                bound = f"in [{lo}, {hi}]" if hi != math.inf else f">= {lo}"
+                raise LstmInferError(f"{name} must be an integer {bound}, got {v!r}")
+            return int(v)
+
+        def number(name: str) -> float:
+            v = getattr(self, name)
+            if not isinstance(v, (int, float, np.floating, np.integer)) or isinstance(v, bool) or not math.isfinite(v):
+                raise LstmInferError(f"{name} must be a finite number, got {v!r}")
+            return float(v)
+
+        if self.method not in METHODS:
+            raise LstmInferError(f"method must be one of {', '.join(METHODS)}, got {self.method!r}")
+        if self.engine not in ENGINES:
+            raise LstmInferError(f"engine must be one of {', '.join(ENGINES)}, got {self.engine!r}")
+        integer("max_new_tokens", 1)
+        integer("min_new_tokens", 0, self.max_new_tokens)
+        beam = integer("beam_size", 1)
+        n = integer("num_hypotheses", 1)
+        number("length_penalty")
+        integer("top_k", 0)
+        top_p, temperature = number("top_p"), number("temperature")
+        if not 0 < top_p <= 1:
+            raise LstmInferError(f"top_p must be in (0, 1], got {self.top_p!r}")
+        if self.method == "sample" and temperature <= 0:
+            raise LstmInferError(f"temperature must be > 0 for sampling, got {self.temperature!r}")
+        if self.method == "beam" and n > beam:
+            raise LstmInferError(f"num_hypotheses ({n}) cannot exceed beam_size ({beam})")
+        if self.method == "greedy" and n != 1:
+            raise LstmInferError("greedy search gives one hypothesis: num_hypotheses must be 1 (or use sample/beam)")
+        if self.seed is not None:
+            integer("seed", 0)
+        if not isinstance(self.stop_at_eos, (bool, np.bool_)):
+            raise LstmInferError(f"stop_at_eos must be true or false, got {self.stop_at_eos!r}")
+        return self
+
+
+def _options(kw: dict) -> Options:
+    unknown = sorted(set(kw) - set(Options.__dataclass_fields__))
+    if unknown:
+        raise LstmInferError(f"unknown decoding option(s): {', '.join(unknown)}")
+    return Options(**kw).check()
+
+
+# --------------------------------------------------------------------------- the model, re-laid once
+
+def _where(model) -> str:
+    return str(model.path) if model.path is not None else "model"
+
+
+def _check_model(model) -> None:
+    if model.embedding is None or model.head_w is None:
+        raise LstmInferError(f"{_where(model)}: generation needs a model with an embedding and an output head")
+    for li, lc in enumerate(model.config["layers"]):
+        if lc["direction"] != "forward":
+            raise LstmInferError(f"{_where(model)}: layer {li} is {lc['direction']}: such a model sees the "
+                                 "future and cannot generate left to right")
+    if model.head_w.shape[0] != model.vocab_size:
+        raise LstmInferError(f"{_where(model)}: the head has {model.head_w.shape[0]} outputs but the embedding "
+                             f"{model.vocab_size} rows: generated tokens could not be fed back")
+
+
+def _not_compiled(model) -> str | None:
+    """Why the compiled loops cannot run this model (None: they can)."""
+    if not model._uniform:
+        return "its layers differ in cell type or size"
+    for li, (ly, lc) in enumerate(zip(model.layers, model.config["layers"])):
+        d = ly.dirs[0]
+        relu_rnn = ly.cell == "rnn" and int(d.codes[0]) == 2
+        if lc["peepholes"] or lc["clip"] is not None or lc["input_forget"] or not (d.standard or relu_rnn):
+            return f"layer {li} uses peepholes, clip, coupled gates or custom activations"
+    return None
+
+
+def _build_net(model) -> tuple:
+    """The ``net`` tuple of decode_kernels: recurrent weights as (H, G, I + P) per layer, one flat copy."""
+    layers = model.layers
+    cell = layers[0].cell
+    G, H, P = CELLS[cell], layers[0].hidden, layers[0].out
+    flat, offs = [], [0]
+    for ly in layers:
+        d = ly.dirs[0]
+        w = np.concatenate([np.asarray(d.w_ih).reshape(G, H, -1), np.asarray(d.w_hh).reshape(G, H, P)], axis=2)
+        flat.append(np.ascontiguousarray(w.transpose(1, 0, 2), F32).reshape(-1))
+        offs.append(offs[-1] + flat[-1].size)
+    dirs = [ly.dirs[0] for ly in layers]
+    bias = np.ascontiguousarray(np.stack([np.asarray(d.bias).reshape(G, H).T for d in dirs]), F32)
+    b_hn = np.ascontiguousarray(np.stack([np.zeros(H) if d.b_hn is None else d.b_hn for d in dirs]), F32)
+    proj = dirs[0].w_hr is not None
+    w_hr = np.ascontiguousarray(np.stack([d.w_hr for d in dirs]), F32) if proj else np.zeros((len(dirs), 0, 0), F32)
+    flags = np.array([[int(ly.lbr), int(ly.dirs[0].codes[0]) if cell == "rnn" else 0] for ly in layers], np.int64)
+    K = model.head_w.shape[0]
+    head_b = np.zeros(K, F32) if model.head_b is None else np.array(model.head_b, F32)
+    return (CELL_CODES[cell], flags, np.concatenate(flat), np.array(offs, np.int64),
+            np.array([ly.input_size for ly in layers], np.int64), bias, b_hn, w_hr,
+            np.asarray(model.embedding), np.asarray(model.head_w), head_b)
+
+
+def _net(model, engine: str) -> tuple | None:
+    """The compiled network for this model, built once and cached on it; None: use Model.step."""
+    if engine == "step":
+        return None
+    cached = getattr(model, "_decode_net", None)
+    if cached is None:
+        why = _not_compiled(model)
+        cached = (None, why) if why else (_build_net(model), None)
+        model._decode_net = cached
+    net, why = cached
+    if net is None and engine == "compiled":
+        raise LstmInferError(f"{_where(model)}: the compiled decoder does not cover this model: {why}")
+    return net
+
+
+def _blocks(model, k: int) -> int:
+    return max(1, min(k, 4 * model.threads))
+
+
+# --------------------------------------------------------------------------- prompts and prefill
+
+def _start_eos(model) -> tuple[int | None, int | None]:
+    tok = model.tokenizer
+    return (None, None) if tok is None else (tok.start_id, tok.eos_id)
+
+
+def _sequences(model, prompts: list[np.ndarray]) -> list[np.ndarray]:
+    start, _ = _start_eos(model)
+    seqs = []
+    for p in prompts:
+        seq = p if start is None else np.concatenate([[start], p]).astype(np.int64)
+        if seq.size == 0:
+            raise LstmInferError(f"{_where(model)}: an empty prompt needs a start symbol (bos or eos) and "
+                                 "this model has none: give at least one token")
+        seqs.append(seq)
+    return seqs
+
+
+def _prefill(model, seqs: list[np.ndarray]) -> tuple[list, np.ndarray]:
+    """Run every sequence but its last token: per-layer states [(h (B, P), c (B, H) | None)], last tokens."""
+    lengths = np.array([len(s) - 1 for s in seqs], np.int64)
+    last = np.array([s[-1] for s in seqs], np.int64)
+    T = int(lengths.max())
+    if T == 0:
+        return recurrent.zero_state(model.layers, len(seqs)), last
+    ids = np.zeros((T, len(seqs)), np.int64)
+    for b, s in enumerate(seqs):
+        ids[: len(s) - 1, b] = s[:-1]
+    _, st = model._forward(model._embed(ids), None, lengths)
+    return st, last
+
+
+def _take(state: tuple, rows: np.ndarray) -> tuple:
+    """Model.step state with batch rows ``rows`` (the beams' or samples' parents)."""
+    h, c = state
+    if isinstance(h, np.ndarray):
+        return h[:, rows], None if c is None else c[:, rows]
+    pick = lambda xs: None if xs is None else [None if x is None else x[rows] for x in xs]
+    return pick(h), pick(c)
+
+
+class _Buffers:
+    """The compiled loops' double-buffered state, rows [0, B) filled from a prefill."""
+
+    def __init__(self, model, st: list, rows: int):
+        L, ly = len(model.layers), model.layers[0]
+        R = max(rows, st[0][0].shape[0])
+        self.h = np.zeros((2, L, R, ly.out), F32)
+        self.c = np.zeros((2, L, R, ly.hidden) if ly.cell == "lstm" else (2, L, 1, 1), F32)
+        self.scratch = np.zeros((3, R, ly.hidden), F32)
+        for l, (h, c) in enumerate(st):
+            self.h[0, l, : h.shape[0]] = h
+            if c is not None:
+                self.c[0, l, : c.shape[0]] = c
+
+
+# --------------------------------------------------------------------------- greedy and sampling rows
+
+class _Rows:
+    """R rows of greedy or sampled decoding; row r continues prefilled sequence parent[r].
+
+    ``advance(k)`` runs up to k more steps (compiled, or through Model.step); out_ids / out_lp (R, max)
+    collect each row's tokens and log-probs.
+    """
+
+    def __init__(self, model, opts: Options, seqs: list[np.ndarray], parent: np.ndarray):
+        self.model, self.opts = model, opts
+        self.net = _net(model, opts.engine)
+        _, eos = _start_eos(model)
+        self.eos = -1 if eos is None else eos
+        st, last = _prefill(model, seqs)
+        R = len(parent)
+        self.rng = np.random.default_rng(opts.seed)
+        self.tok = last[parent].copy()
+        self.par = parent.astype(np.int64).copy()
+        self.done = np.zeros(R, np.bool_)
+        self.out_ids = np.zeros((R, opts.max_new_tokens), np.int64)
+        self.out_lp = np.zeros((R, opts.max_new_tokens), np.float64)
+        self.t = 0
+        if self.net is not None:
+            self.buf, self.cur = _Buffers(model, st, R), 0
+        else:
+            self.state = _take(model._state_out(st), self.par)
+            self.e, self.idx = np.empty(model.vocab_size, F32), np.empty(model.vocab_size, np.int64)
+
+    @property
+    def finished(self) -> bool:
+        return self.t >= self.opts.max_new_tokens or bool(self.done.all())
+
+    def advance(self, steps: int) -> None:
+        o, m = self.opts, self.model
+        steps = min(steps, o.max_new_tokens - self.t)
+        common = (o.min_new_tokens, self.eos, o.stop_at_eos, o.method == "sample", o.temperature, o.top_k, o.top_p,
+                  self.rng)
+        R = len(self.tok)
+        if self.net is not None:
+            b = self.buf
+            with m._threads():
+                self.t, self.cur = dk.decode_rows(self.net, b.h, b.c, b.scratch, self.cur, self.tok, self.par, R,
+                                                  self.t, steps, _blocks(m, m.vocab_size), *common, self.done,
+                                                  self.out_ids, self.out_lp)
+            return
+        zero = np.zeros(R)
+        for _ in range(steps):
+            lp, self.state = m.step(self.tok, self.state)
+            all_done = dk.pick_rows(lp, zero, R, self.t, *common, self.done, self.tok, self.out_ids, self.out_lp,
+                                    self.e, self.idx)
+            self.t += 1
+            if all_done:
+                break
+
+    def hypothesis(self, r: int) -> Hypothesis:
+        ids = self.out_ids[r, : self.t]
+        n = len(ids)
+        if self.done[r]:
+            n = int(np.argmax(ids == self.eos))
+        return _hypothesis(self.model, ids[:n], float(self.out_lp[r, : n + self.done[r]].sum()),
+                           bool(self.done[r]), self.opts.length_penalty)
+
+
+def _hypothesis(model, ids: np.ndarray, log_prob: float, ended: bool, alpha: float, score: float | None = None):
+    ids = [int(i) for i in ids]
+    length = len(ids) + int(ended)
+    if score is None:
+        score = log_prob / length ** alpha if length else log_prob
+    text = model.tokenizer.decode(ids) if model.tokenizer is not None else None
+    return Hypothesis(text, ids, log_prob, float(score), ended)
+
+
+# --------------------------------------------------------------------------- beam search
+
+def _beam(model, opts: Options, seq: np.ndarray) -> list[Hypothesis]:
+    net = _net(model, opts.engine)
+    _, eos = _start_eos(model)
+    eos = -1 if eos is None else eos
+    K, N, T, alpha = opts.beam_size, opts.num_hypotheses, opts.max_new_tokens, float(opts.length_penalty)
+    st, last = _prefill(model, [seq])
+    hist, back = np.zeros((T, K), np.int64), np.zeros((T, K), np.int64)
+    fin = (np.zeros(N), np.zeros(N), np.zeros(N, np.int64), np.zeros(N, np.int64), np.zeros(N, np.bool_),
+           np.zeros(1, np.int64))
+    common = (K, T, opts.min_new_tokens, eos, opts.stop_at_eos, alpha, _blocks(model, model.vocab_size))
+    if net is not None:
+        buf = _Buffers(model, st, K)
+        with model._threads():
+            dk.beam_search(net, buf.h, buf.c, buf.scratch, 0, int(last[0]), *common, hist, back, *fin)
+    else:
+        state, live = model._state_out(st), np.zeros(K)
+        tok, par, n = last[:1], np.zeros(1, np.int64), 1
+        for t in range(T):
+            lp, state = model.step(tok, _take(state, par))
+            n, over = dk.beam_update(lp, np.zeros(n), live, n, t, *common, hist, back, *fin)
+            if over:
+                break
+            tok, par = hist[t, :n].copy(), back[t, :n].copy()
+    score, log_prob, step, slot, ended, count = fin
+    out = []
+    for i in range(int(count[0])):
+        t = int(step[i]) - int(ended[i])  # an eos hypothesis' tokens are its parent's, one step back
+        ids = np.zeros(t + 1, np.int64)
+        if t >= 0:
+            dk.trace(hist, back, t, int(slot[i]), ids)
+        out.append(_hypothesis(model, ids, float(log_prob[i]), bool(ended[i]), alpha, score[i]))
+    return out
+
+
+# --------------------------------------------------------------------------- public API
+
+def _decode(model, prompts: list[np.ndarray], opts: Options) -> list[list[Hypothesis]]:
+    _check_model(model)
+    seqs = _sequences(model, prompts)
+    if opts.method == "beam":
+        return [_beam(model, opts, s) for s in seqs]
+    N = opts.num_hypotheses
+    rows = _Rows(model, opts, seqs, np.repeat(np.arange(len(seqs)), N))
+    while not rows.finished:
+        rows.advance(opts.max_new_tokens)
+    hyps = [rows.hypothesis(r) for r in range(len(seqs) * N)]
+    return [sorted(hyps[p * N:(p + 1) * N], key=lambda h: -h.score) for p in range(len(seqs))]
+
+
+def _encode(model, text: Any) -> np.ndarray:
+    if not isinstance(text, str):
+        raise LstmInferError(f"a prompt must be a string, got {type(text).__name__}")
+    try:
+        return model.tokenizer.encode(text)[0]
+    except LstmInferError as err:
+        raise LstmInferError(f"prompt {text[:40]!r}: {err}") from None
+
+
+def _need_tokenizer(model, what: str) -> None:
+    if model.tokenizer is None:
+        raise LstmInferError(f"{_where(model)}: {what} needs a model with a tokenizer (vocab.json); "
+                             "use generate_ids with token ids")
+
+
+def generate(model, prompt: str | list[str] | None = None, **options: Any) -> list:
+    """Continue ``prompt`` (None: from the start symbol alone); a list of prompts decodes as a batch.
+
+    Returns a list of Hypothesis (text, ids, log_prob, score, ended), best first; for a list of prompts,
+    one such list per prompt. Options (as CTranslate2 / fairseq / Hugging Face):
+
+    - method: "greedy" (argmax), "beam" (beam search) or "sample".
+    - max_new_tokens (100), min_new_tokens (0: eos is forbidden before that many new tokens).
+    - beam_size (5), num_hypotheses (1: the n best beams, or n independent samples).
+    - length_penalty (1.0): hypotheses rank by score = log_prob / length ** length_penalty, length the
+      number of new tokens including the eos that ended it (fairseq / Hugging Face); 0 ranks by log_prob.
+      Beam search stops once no live beam can reach the n best finished scores.
+    - temperature (1.0), top_k (0: all), top_p (1.0): sampling from softmax(logits / temperature), cut to
+      the top_k tokens, then to the smallest set whose renormalised mass reaches top_p. Reported log_probs
+      are always the model's own (untempered, uncut).
+    - seed (None: fresh entropy): sampling with the same seed repeats itself.
+    - stop_at_eos (True): False makes eos an ordinary token and every hypothesis max_new_tokens long.
+    - engine ("auto"): "compiled" insists on the compiled loops, "step" forces the Model.step path.
+    """
+    opts = _options(options)
+    _need_tokenizer(model, "generate")
+    batch = isinstance(prompt, (list, tuple))
+    texts = list(prompt) if batch else ["" if prompt is None else prompt]
+    out = _decode(model, [_encode(model, t) for t in texts], opts)
+    return out if batch else out[0]
+
+
+def generate_ids(model, prompt_ids: Any = None, **options: Any) -> list:
+    """generate() on token ids: a list of ints (None: empty), or a list of such lists for a batch.
+
+    The start symbol, when the model has a tokenizer with one, is put in front as for text.
+    """
+    opts = _options(options)
+    arr = None if prompt_ids is None else prompt_ids
+    batch = (isinstance(arr, np.ndarray) and arr.ndim == 2) or (
+        isinstance(arr, (list, tuple)) and len(arr) > 0 and all(isinstance(p, (list, tuple, np.ndarray)) for p in arr))
+    rows = list(arr) if batch else [[] if arr is None else arr]
+    prompts = [model._ids(np.asarray(p, dtype=np.int64) if len(p) == 0 else p, 1, "prompt_ids") for p in rows]
+    out = _decode(model, prompts, opts)
+    return out if batch else out[0]
+
+
+def generate_tokens(model, prompt: str | None = None, **options: Any) -> Iterator[str]:
+    """Yield the continuation's text piece by piece as tokens are produced (greedy or sample).
+
+    The pieces joined equal generate(...)[0].text: word models put a space before every word but the
+    first; byte models hold back a multi-byte character until it is complete.
+    """
+    opts = _options(options)
+    _need_tokenizer(model, "generate_tokens")
+    if opts.method == "beam" or opts.num_hypotheses != 1:
+        raise LstmInferError("generate_tokens streams one greedy or sampled sequence: use generate for beams")
+    _check_model(model)
+    seqs = _sequences(model, [_encode(model, "" if prompt is None else prompt)])
+    return _stream(model, _Rows(model, opts, seqs, np.zeros(1, np.int64)))
+
+
+def _stream(model, rows: _Rows) -> Iterator[str]:
+    tok = model.tokenizer
+    utf8 = codecs.getincrementaldecoder("utf-8")("replace")
+    first = True
+    while not rows.finished:
+        rows.advance(1)
+        v = int(rows.out_ids[0, rows.t - 1])
+        if rows.done[0]:
+            break
+        if tok.kind == "byte":
+            piece = utf8.decode(bytes([v]) if v < 256 else tok.vocab[v].encode())
+        else:
+            piece = tok.vocab[v] if tok.kind == "char" or first else " " + tok.vocab[v]
+        first = False
+        if piece:
+            yield piece
+    tail = utf8.decode(b"", final=True) if tok.kind == "byte" else ""
+    if tail:
+        yield tail
