@@ -87,6 +87,24 @@ def act_inplace(v, code, alpha, beta):
             v[j] = max(x, _ZERO) + np.log1p(np.exp(-abs(x)))
 
 
+@njit(inline="always", **FAST)
+def _lstm_row(gx, gh, bias, peep, clip, input_forget, c, y):
+    """One batch row of lstm_step: gx, gh (4H,), c, y (H,)."""
+    H = c.shape[0]
+    for j in range(H):
+        cp = c[j]
+        i = fsigmoid(_clip(gx[j] + gh[j] + bias[j] + peep[0, j] * cp, clip))
+        if input_forget:
+            f = _ONE - i
+        else:
+            f = fsigmoid(_clip(gx[H + j] + gh[H + j] + bias[H + j] + peep[1, j] * cp, clip))
+        g = ftanh(_clip(gx[2 * H + j] + gh[2 * H + j] + bias[2 * H + j], clip))
+        cn = f * cp + i * g
+        o = fsigmoid(_clip(gx[3 * H + j] + gh[3 * H + j] + bias[3 * H + j] + peep[2, j] * cn, clip))
+        c[j] = cn
+        y[j] = o * ftanh(cn)
+
+
 @njit(parallel=True, **FAST)
 def lstm_step(gx, gh, bias, peep, clip, input_forget, c, y, valid):
     """One LSTM step with sigmoid/tanh/tanh, fused.
@@ -95,22 +113,18 @@ def lstm_step(gx, gh, bias, peep, clip, input_forget, c, y, valid):
     i,f,o (zeros when absent), c (B, H) cell state, updated for valid rows; y (B, H) receives
     o * tanh(c) (the hidden state before any projection); valid (B,) bool.
     """
-    B, H = c.shape
-    for b in prange(B):
-        if not valid[b]:
-            continue
-        for j in range(H):
-            cp = c[b, j]
-            i = fsigmoid(_clip(gx[b, j] + gh[b, j] + bias[j] + peep[0, j] * cp, clip))
-            if input_forget:
-                f = _ONE - i
-            else:
-                f = fsigmoid(_clip(gx[b, H + j] + gh[b, H + j] + bias[H + j] + peep[1, j] * cp, clip))
-            g = ftanh(_clip(gx[b, 2 * H + j] + gh[b, 2 * H + j] + bias[2 * H + j], clip))
-            cn = f * cp + i * g
-            o = fsigmoid(_clip(gx[b, 3 * H + j] + gh[b, 3 * H + j] + bias[3 * H + j] + peep[2, j] * cn, clip))
-            c[b, j] = cn
-            y[b, j] = o * ftanh(cn)
+    for b in prange(c.shape[0]):
+        if valid[b]:
+            _lstm_row(gx[b], gh[b], bias, peep, clip, input_forget, c[b], y[b])
+
+
+@njit(**FAST)
+def lstm_step_serial(gx, gh, bias, peep, clip, input_forget, c, y, valid):
+    """lstm_step without a parallel region: for small batches, where a thread barrier costs more than
+    the work (and far more when the machine is oversubscribed)."""
+    for b in range(c.shape[0]):
+        if valid[b]:
+            _lstm_row(gx[b], gh[b], bias, peep, clip, input_forget, c[b], y[b])
 
 
 @njit(parallel=True, cache=True, error_model="numpy")
@@ -196,18 +210,29 @@ def rnn_step(gx, gh, bias, clip, y, valid, codes, alphas, betas):
         act_inplace(y[b], codes[0], alphas[0], betas[0])
 
 
+@njit(inline="always", **FAST)
+def _commit_row(src, h, out, valid):
+    if valid:
+        for j in range(h.shape[0]):
+            h[j] = src[j]
+            out[j] = src[j]
+    else:
+        for j in range(h.shape[0]):
+            out[j] = _ZERO
+
+
 @njit(parallel=True, **FAST)
 def commit(src, h, out, valid):
     """Valid rows: h[b] = out[b] = src[b]; others keep h and get zeros in out. All (B, P)."""
-    B, P = h.shape
-    for b in prange(B):
-        if valid[b]:
-            for j in range(P):
-                h[b, j] = src[b, j]
-                out[b, j] = src[b, j]
-        else:
-            for j in range(P):
-                out[b, j] = _ZERO
+    for b in prange(h.shape[0]):
+        _commit_row(src[b], h[b], out[b], valid[b])
+
+
+@njit(**FAST)
+def commit_serial(src, h, out, valid):
+    """commit without a parallel region (small batches)."""
+    for b in range(h.shape[0]):
+        _commit_row(src[b], h[b], out[b], valid[b])
 
 
 # Cephes expf: exp(x) = 2^n * e^r with |r| <= ln2/2, r's polynomial to 1 ulp. Kept in two passes (mantissa

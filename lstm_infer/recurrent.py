@@ -16,6 +16,7 @@ from . import kernels
 from .format import ACTIVATIONS, CELLS, DEFAULT_ACTIVATIONS, DIRECTIONS
 
 F32 = np.float32
+SERIAL_BELOW = 8192  # B * H under which per-step kernels run on one thread
 
 
 @dataclass
@@ -96,12 +97,16 @@ def run_direction(ly: Layer, dw: Direction, x: np.ndarray, h: np.ndarray, c: np.
     rz, rh, ghn = (np.empty((B, 2 * H), F32), np.empty((B, H), F32), np.empty((B, H), F32)) \
         if ly.cell == "gru" else (y, y, y)
     w_hh_rz, w_hn = dw.w_hh[: 2 * H], dw.w_hh[2 * H:]
+    # A parallel region per step only pays when the step has real work to split.
+    small = B * H < SERIAL_BELOW
+    lstm_step = kernels.lstm_step_serial if small else kernels.lstm_step
+    commit = kernels.commit_serial if small else kernels.commit
     for t in range(T - 1, -1, -1) if dw.reverse else range(T):
         v = valid[t]
         if ly.cell == "lstm":
             np.matmul(h, dw.w_hh.T, out=gh)
             if dw.standard:
-                kernels.lstm_step(gx[t], gh, dw.bias, dw.peep, ly.clip, ly.input_forget, c, y, v)
+                lstm_step(gx[t], gh, dw.bias, dw.peep, ly.clip, ly.input_forget, c, y, v)
             else:
                 kernels.lstm_step_generic(gx[t], gh, dw.bias, dw.peep, ly.clip, ly.input_forget, c, y, v,
                                           dw.codes, dw.alphas, dw.betas, work)
@@ -121,7 +126,7 @@ def run_direction(ly: Layer, dw: Direction, x: np.ndarray, h: np.ndarray, c: np.
         else:
             np.matmul(h, dw.w_hh.T, out=gh)
             kernels.rnn_step(gx[t], gh, dw.bias, ly.clip, y, v, dw.codes, dw.alphas, dw.betas)
-        kernels.commit(yp, h, out[t], v)
+        commit(yp, h, out[t], v)
     return out
 
 
