@@ -95,13 +95,14 @@ def _load(src: Path, kind: str, *, nonlinearity: str, embedding: str | None, rnn
 def convert(src: str | os.PathLike, out: str | os.PathLike, *, vocab: str | os.PathLike | list[str] | None = None,
             tokenizer: str | None = None, unk: str | None = None, eos: str | None = None, bos: str | None = None,
             nonlinearity: str = "tanh", embedding: str | None = None, rnn: str | None = None,
-            head: str | None = None, force: bool = False) -> Path:
+            head: str | None = None, force: bool = False, provenance: dict | None = None) -> Path:
     """Convert a checkpoint into a model directory at ``out`` and return its path.
 
     ``vocab``: a vocabulary file (text, one token per line; or JSON) or a list of tokens; default: one found
     in the checkpoint. ``tokenizer``: "word" | "char" | "byte" | None (see vocab.resolve_tokenizer).
     ``embedding`` / ``rnn`` / ``head``: state_dict names that settle the roles when the structure is ambiguous.
     ``nonlinearity``: "tanh" | "relu" for nn.RNN, which a state_dict does not record.
+    ``provenance``: extra entries for config.json's provenance (training details, say).
     """
     src, out = Path(src), Path(out)
     if out.exists() and not force:
@@ -119,7 +120,7 @@ def convert(src: str | os.PathLike, out: str | os.PathLike, *, vocab: str | os.P
                                     unk=unk, where=where)
     config["tokenizer"] = tok
     config["provenance"] = {**(config.get("provenance") or {}), "source": src.name, "sha256": _sha256(src),
-                            "source_kind": kind, "converter": f"lstm-infer {__version__}"}
+                            "source_kind": kind, "converter": f"lstm-infer {__version__}", **(provenance or {})}
     if tok is not None:
         fmt.validate_vocab(tokens, config, where)
     return fmt.write_model(out, config, tensors, tokens, force=force)

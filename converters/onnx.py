@@ -93,7 +93,7 @@ def load_onnx(path: pathlib.Path) -> tuple[dict, dict[str, np.ndarray], None]:
     walk = _Walker(path, model.graph, opset)
     config, tensors = walk.run()
     config["provenance"] = {
-        "source": path.name, "source_sha256": hashlib.sha256(data).hexdigest(), "source_kind": "onnx",
+        "source": path.name, "sha256": hashlib.sha256(data).hexdigest(), "source_kind": "onnx",
         "opset": int(opset), "converter": "lstm-infer " + lstm_infer.__version__,
         "producer": f"{model.producer_name} {model.producer_version}".strip(), **walk.notes}
     return config, tensors, None
