@@ -5,16 +5,18 @@ Python runs per token. The pickers and the beam update are plain @njit functions
 ``Model.step`` fallback in decoding.py calls too, so both paths choose tokens by the same code.
 
 ``net`` (built once per Model by decoding.py) is a tuple
-``(cell, flags, w, woff, isz, bias, b_hn, w_hr, emb, head_w, head_b)``:
+``(cell, flags, w, woff, isz, bias, table, b_hn, w_hr, emb, head_w, head_b)``:
 
     cell   int         0 lstm, 1 gru, 2 rnn; every layer the same cell, H and P
     flags  (L, 2)      int64 per layer: linear_before_reset, activation code (rnn: 1 tanh, 2 relu)
     w      (sum_l H*G*K_l,) float32: layer l at w[woff[l]:woff[l+1]] viewed (H, G, K_l), K_l = I_l + P:
                         row [j, g] = [W_ih row g*H+j | W_hh row g*H+j], so one hidden unit's weights
                         for all gates sit together and each thread streams its own block of units
-    woff   (L+1,) int64,  isz (L,) int64 input size I_l
-    bias   (L, H, G)   summed biases (gru: n keeps b_in),  b_hn (L, H) gru recurrent bias of n
-    w_hr   (L, P, H)   lstm projection, (L, 0, 0) without
+    woff   (L+1,) int64,  isz (L,) int64 input size I_l (0 for layer 0 when the table replaces W_ih)
+    bias   (L, 1, H, G) summed biases (gru: n keeps b_in)
+    table  (V, H, G)   W_ih emb[v] + bias of layer 0 for every token v, or (0, H, G): one row read per
+                        token instead of all of W_ih
+    b_hn   (L, H)      gru recurrent bias of n,  w_hr (L, P, H) lstm projection, (L, 0, 0) without
     emb    (V, E),  head_w (K, F),  head_b (K,)
 
 State lives in double buffers: hbuf (2, L, R, P), cbuf (2, L, R, H). A step reads the ``cur`` half and
@@ -48,196 +50,271 @@ def fexp(x):
     return p * _POW2[np.int64(n) + 126]
 
 
+# --------------------------------------------------------------------------- dot-product blocks
+
+@njit(inline="always", **FAST)
+def _dot4x4(w0, w1, w2, w3, x0, x1, x2, x3, a):
+    """a[r, q] += w_r . x_q for four weight rows and four inputs, all (K,): every weight loaded feeds
+    four FMAs, so four rows (beams, samples) cost about what one does while the weights stream in."""
+    s00 = s01 = s02 = s03 = s10 = s11 = s12 = s13 = _ZERO
+    s20 = s21 = s22 = s23 = s30 = s31 = s32 = s33 = _ZERO
+    for k in range(w0.shape[0]):
+        v0, v1, v2, v3 = x0[k], x1[k], x2[k], x3[k]
+        u = w0[k]
+        s00 += u * v0
+        s01 += u * v1
+        s02 += u * v2
+        s03 += u * v3
+        u = w1[k]
+        s10 += u * v0
+        s11 += u * v1
+        s12 += u * v2
+        s13 += u * v3
+        u = w2[k]
+        s20 += u * v0
+        s21 += u * v1
+        s22 += u * v2
+        s23 += u * v3
+        u = w3[k]
+        s30 += u * v0
+        s31 += u * v1
+        s32 += u * v2
+        s33 += u * v3
+    a[0, 0] += s00
+    a[0, 1] += s01
+    a[0, 2] += s02
+    a[0, 3] += s03
+    a[1, 0] += s10
+    a[1, 1] += s11
+    a[1, 2] += s12
+    a[1, 3] += s13
+    a[2, 0] += s20
+    a[2, 1] += s21
+    a[2, 2] += s22
+    a[2, 3] += s23
+    a[3, 0] += s30
+    a[3, 1] += s31
+    a[3, 2] += s32
+    a[3, 3] += s33
+
+
+@njit(inline="always", **FAST)
+def _dot4x1(w0, w1, w2, w3, x, a, q):
+    """a[r, q] += w_r . x for four weight rows, all (K,)."""
+    s0 = s1 = s2 = s3 = _ZERO
+    for k in range(w0.shape[0]):
+        v = x[k]
+        s0 += w0[k] * v
+        s1 += w1[k] * v
+        s2 += w2[k] * v
+        s3 += w3[k] * v
+    a[0, q] += s0
+    a[1, q] += s1
+    a[2, q] += s2
+    a[3, q] += s3
+
+
+@njit(inline="always", **FAST)
+def _dots(w0, w1, w2, w3, xs, rows, b0, nb, a):
+    """a[r, q] += w_r . xs[rows[b0 + q]] for four weight rows w_r (K,) and q < nb <= 4."""
+    if nb == 4:
+        _dot4x4(w0, w1, w2, w3, xs[rows[b0]], xs[rows[b0 + 1]], xs[rows[b0 + 2]], xs[rows[b0 + 3]], a)
+    else:
+        for q in range(nb):
+            _dot4x1(w0, w1, w2, w3, xs[rows[b0 + q]], a, q)
+
+
 # --------------------------------------------------------------------------- recurrent cells
+# Every cell kernel: rows b < n, input x[b] (I,), previous state row par[b] of hp (P,) (and cp (H,));
+# w (H, G, I + P); pre (*, H, G) starts each gate's sum: the bias (prow all 0) or, for a layer-0
+# table, W_ih x + bias of token prow[b] (then I = 0); ident = arange; acc (H, 2, 4, 4) scratch.
+# Threads split the hidden units; each unit's G weight rows serve up to 4 rows at a time.
 
 @njit(parallel=True, **FAST)
-def lstm_cells(w, bias, x, hp, cp, par, n, c_out, y_out):
-    """Rows b < n: input x[b] (I,), state hp[par[b]] (P,), cp[par[b]] (H,) -> c_out[b], y_out[b] (H,).
-
-    w (H, 4, I+P) gates i, f, g, o; bias (H, 4); y = o * tanh(c), the hidden state before projection.
-    """
-    H = w.shape[0]
-    I = x.shape[1]
-    P = hp.shape[1]
+def lstm_cells(w, pre, prow, x, hp, cp, par, ident, n, acc, c_out, y_out):
+    """Gates i, f, g, o -> c_out[b] (H,) and y_out[b] = o * tanh(c) (the state before any projection)."""
+    H, I = w.shape[0], x.shape[1]
     for j in prange(H):
-        wi, wf, wg, wo = w[j, 0], w[j, 1], w[j, 2], w[j, 3]
-        for b in range(n):
-            xb, hb = x[b], hp[par[b]]
-            si, sf, sg, so = bias[j, 0], bias[j, 1], bias[j, 2], bias[j, 3]
-            for k in range(I):
-                v = xb[k]
-                si += wi[k] * v
-                sf += wf[k] * v
-                sg += wg[k] * v
-                so += wo[k] * v
-            for k in range(P):
-                v = hb[k]
-                si += wi[I + k] * v
-                sf += wf[I + k] * v
-                sg += wg[I + k] * v
-                so += wo[I + k] * v
-            c = fsigmoid(sf) * cp[par[b], j] + fsigmoid(si) * ftanh(sg)
-            c_out[b, j] = c
-            y_out[b, j] = fsigmoid(so) * ftanh(c)
+        wj, a = w[j], acc[j, 0]
+        for b0 in range(0, n, 4):
+            nb = min(4, n - b0)
+            for q in range(nb):
+                for g in range(4):
+                    a[g, q] = pre[prow[b0 + q], j, g]
+            _dots(wj[0, :I], wj[1, :I], wj[2, :I], wj[3, :I], x, ident, b0, nb, a)
+            _dots(wj[0, I:], wj[1, I:], wj[2, I:], wj[3, I:], hp, par, b0, nb, a)
+            for q in range(nb):
+                b = b0 + q
+                c = fsigmoid(a[1, q]) * cp[par[b], j] + fsigmoid(a[0, q]) * ftanh(a[2, q])
+                c_out[b, j] = c
+                y_out[b, j] = fsigmoid(a[3, q]) * ftanh(c)
 
 
 @njit(parallel=True, **FAST)
-def project(w_hr, y, n, h_out):
-    """LSTM projection: h_out[b] (P,) = w_hr (P, H) @ y[b] (H,) for rows b < n."""
-    P, H = w_hr.shape
-    for p in prange(P):
-        row = w_hr[p]
-        for b in range(n):
-            yb = y[b]
-            s = _ZERO
-            for k in range(H):
-                s += row[k] * yb[k]
-            h_out[b, p] = s
+def project(w_hr, y, ident, n, acc, h_out):
+    """LSTM projection: h_out[b] (P,) = w_hr (P, H) @ y[b] (H,), four output rows at a time."""
+    P = w_hr.shape[0]
+    for blk in prange((P + 3) // 4):
+        p0 = 4 * blk
+        r1, r2, r3 = min(p0 + 1, P - 1), min(p0 + 2, P - 1), min(p0 + 3, P - 1)  # a short tail repeats a row
+        a = acc[blk, 0]
+        for b0 in range(0, n, 4):
+            nb = min(4, n - b0)
+            a[:, :] = _ZERO
+            _dots(w_hr[p0], w_hr[r1], w_hr[r2], w_hr[r3], y, ident, b0, nb, a)
+            for q in range(nb):
+                for r in range(min(4, P - p0)):
+                    h_out[b0 + q, p0 + r] = a[r, q]
 
 
 @njit(parallel=True, **FAST)
-def gru_cells(w, bias, b_hn, x, hp, par, n, h_out):
-    """GRU, linear_before_reset form: n = tanh(W_in x + b_in + r * (W_hn h + b_hn)). w (H, 3, I+P)."""
-    H = w.shape[0]
-    I = x.shape[1]
-    P = hp.shape[1]
+def gru_cells(w, pre, prow, b_hn, x, hp, par, ident, n, acc, h_out):
+    """GRU, linear_before_reset form: n = tanh(W_in x + b_in + r * (W_hn h + b_hn))."""
+    H, I = w.shape[0], x.shape[1]
     for j in prange(H):
-        wr, wz, wn = w[j, 0], w[j, 1], w[j, 2]
-        for b in range(n):
-            xb, hb = x[b], hp[par[b]]
-            sr, sz, nx, nh = bias[j, 0], bias[j, 1], bias[j, 2], b_hn[j]
-            for k in range(I):
-                v = xb[k]
-                sr += wr[k] * v
-                sz += wz[k] * v
-                nx += wn[k] * v
-            for k in range(P):
-                v = hb[k]
-                sr += wr[I + k] * v
-                sz += wz[I + k] * v
-                nh += wn[I + k] * v
-            z = fsigmoid(sz)
-            h_out[b, j] = (_ONE - z) * ftanh(nx + fsigmoid(sr) * nh) + z * hb[j]
+        wj, a, ah = w[j], acc[j, 0], acc[j, 1]
+        for b0 in range(0, n, 4):
+            nb = min(4, n - b0)
+            a[:, :] = _ZERO
+            ah[:, :] = _ZERO
+            for q in range(nb):
+                for g in range(3):
+                    a[g, q] = pre[prow[b0 + q], j, g]
+                ah[2, q] = b_hn[j]
+            # three gate rows: the fourth slot repeats n and is not used
+            _dots(wj[0, :I], wj[1, :I], wj[2, :I], wj[2, :I], x, ident, b0, nb, a)
+            _dots(wj[0, I:], wj[1, I:], wj[2, I:], wj[2, I:], hp, par, b0, nb, ah)
+            for q in range(nb):
+                b = b0 + q
+                z = fsigmoid(a[1, q] + ah[1, q])
+                nn = ftanh(a[2, q] + fsigmoid(a[0, q] + ah[0, q]) * ah[2, q])
+                h_out[b, j] = (_ONE - z) * nn + z * hp[par[b], j]
 
 
 @njit(parallel=True, **FAST)
-def gru_gates0(w, bias, x, hp, par, n, zb, nxb, rh):
-    """GRU without linear_before_reset, phase 1: z, W_in x + b_n, and r * h (all (R, H)) for rows b < n."""
-    H = w.shape[0]
-    I = x.shape[1]
-    P = hp.shape[1]
+def gru_gates0(w, pre, prow, x, hp, par, ident, n, acc, zb, nxb, rh):
+    """GRU without linear_before_reset, phase 1: z, W_in x + b_n and r * h, each (R, H)."""
+    H, I = w.shape[0], x.shape[1]
     for j in prange(H):
-        wr, wz, wn = w[j, 0], w[j, 1], w[j, 2]
-        for b in range(n):
-            xb, hb = x[b], hp[par[b]]
-            sr, sz, nx = bias[j, 0], bias[j, 1], bias[j, 2]
-            for k in range(I):
-                v = xb[k]
-                sr += wr[k] * v
-                sz += wz[k] * v
-                nx += wn[k] * v
-            for k in range(P):
-                v = hb[k]
-                sr += wr[I + k] * v
-                sz += wz[I + k] * v
-            zb[b, j] = fsigmoid(sz)
-            nxb[b, j] = nx
-            rh[b, j] = fsigmoid(sr) * hb[j]
+        wj, a, ah = w[j], acc[j, 0], acc[j, 1]
+        for b0 in range(0, n, 4):
+            nb = min(4, n - b0)
+            a[:, :] = _ZERO
+            ah[:, :] = _ZERO
+            for q in range(nb):
+                for g in range(3):
+                    a[g, q] = pre[prow[b0 + q], j, g]
+            _dots(wj[0, :I], wj[1, :I], wj[2, :I], wj[2, :I], x, ident, b0, nb, a)
+            _dots(wj[0, I:], wj[1, I:], wj[0, I:], wj[1, I:], hp, par, b0, nb, ah)
+            for q in range(nb):
+                b = b0 + q
+                zb[b, j] = fsigmoid(a[1, q] + ah[1, q])
+                nxb[b, j] = a[2, q]
+                rh[b, j] = fsigmoid(a[0, q] + ah[0, q]) * hp[par[b], j]
 
 
 @njit(parallel=True, **FAST)
-def gru_update0(w, I, hp, par, n, zb, nxb, rh, h_out):
+def gru_update0(w, I, hp, par, ident, n, acc, zb, nxb, rh, h_out):
     """Phase 2: n = tanh(W_in x + b_n + W_hn (r * h)), b_n holding both biases; h' = (1 - z) n + z h."""
     H = w.shape[0]
     for j in prange(H):
-        wn = w[j, 2]
-        for b in range(n):
-            rb = rh[b]
-            s = nxb[b, j]
-            for k in range(H):
-                s += wn[I + k] * rb[k]
-            z = zb[b, j]
-            h_out[b, j] = (_ONE - z) * ftanh(s) + z * hp[par[b], j]
+        wn, a = w[j, 2, I:], acc[j, 0]
+        for b0 in range(0, n, 4):
+            nb = min(4, n - b0)
+            a[:, :] = _ZERO
+            _dots(wn, wn, wn, wn, rh, ident, b0, nb, a)
+            for q in range(nb):
+                b = b0 + q
+                z = zb[b, j]
+                h_out[b, j] = (_ONE - z) * ftanh(nxb[b, j] + a[0, q]) + z * hp[par[b], j]
 
 
 @njit(parallel=True, **FAST)
-def rnn_cells(w, bias, act, x, hp, par, n, h_out):
-    """Elman RNN: h' = act(W_ih x + W_hh h + b), act 1 tanh, 2 relu. w (H, 1, I+P)."""
-    H = w.shape[0]
-    I = x.shape[1]
-    P = hp.shape[1]
+def rnn_cells(w, pre, prow, act, x, hp, par, ident, n, acc, h_out):
+    """Elman RNN: h' = act(W_ih x + W_hh h + b), act 1 tanh, 2 relu. w (H, 1, I + P)."""
+    H, I = w.shape[0], x.shape[1]
     for j in prange(H):
-        wr = w[j, 0]
-        for b in range(n):
-            xb, hb = x[b], hp[par[b]]
-            s = bias[j, 0]
-            for k in range(I):
-                s += wr[k] * xb[k]
-            for k in range(P):
-                s += wr[I + k] * hb[k]
-            h_out[b, j] = ftanh(s) if act == 1 else max(s, _ZERO)
+        wx, wh, a = w[j, 0, :I], w[j, 0, I:], acc[j, 0]
+        for b0 in range(0, n, 4):
+            nb = min(4, n - b0)
+            a[:, :] = _ZERO
+            for q in range(nb):
+                a[0, q] = pre[prow[b0 + q], j, 0]
+            _dots(wx, wx, wx, wx, x, ident, b0, nb, a)  # one gate row: the other slots repeat it
+            _dots(wh, wh, wh, wh, hp, par, b0, nb, a)
+            for q in range(nb):
+                s = a[0, q]
+                h_out[b0 + q, j] = ftanh(s) if act == 1 else max(s, _ZERO)
 
 
 @njit(**FAST)
-def _layer(net, l, x, hbuf, cbuf, scratch, cur, par, n):
-    cell, flags, w, woff, isz, bias, b_hn, w_hr, emb, head_w, head_b = net
-    H, G = bias.shape[1], bias.shape[2]
+def _layer(net, l, x, pre, prow, hbuf, cbuf, scratch, acc, cur, par, ident, n):
+    cell, flags, w, woff, isz, w_hr = net[0], net[1], net[2], net[3], net[4], net[8]
+    H, G = pre.shape[1], pre.shape[2]
     P = hbuf.shape[3]
     wl = w[woff[l]:woff[l + 1]].reshape((H, G, isz[l] + P))
     nxt = 1 - cur
-    h_out = hbuf[nxt, l]
+    hp, h_out = hbuf[cur, l], hbuf[nxt, l]
     if cell == 0:
         if w_hr.shape[1] == 0:
-            lstm_cells(wl, bias[l], x, hbuf[cur, l], cbuf[cur, l], par, n, cbuf[nxt, l], h_out)
+            lstm_cells(wl, pre, prow, x, hp, cbuf[cur, l], par, ident, n, acc, cbuf[nxt, l], h_out)
         else:
-            lstm_cells(wl, bias[l], x, hbuf[cur, l], cbuf[cur, l], par, n, cbuf[nxt, l], scratch[0])
-            project(w_hr[l], scratch[0], n, h_out)
+            lstm_cells(wl, pre, prow, x, hp, cbuf[cur, l], par, ident, n, acc, cbuf[nxt, l], scratch[0])
+            project(w_hr[l], scratch[0], ident, n, acc, h_out)
     elif cell == 1:
         if flags[l, 0]:
-            gru_cells(wl, bias[l], b_hn[l], x, hbuf[cur, l], par, n, h_out)
+            gru_cells(wl, pre, prow, net[7][l], x, hp, par, ident, n, acc, h_out)
         else:
-            gru_gates0(wl, bias[l], x, hbuf[cur, l], par, n, scratch[0], scratch[1], scratch[2])
-            gru_update0(wl, isz[l], hbuf[cur, l], par, n, scratch[0], scratch[1], scratch[2], h_out)
+            gru_gates0(wl, pre, prow, x, hp, par, ident, n, acc, scratch[0], scratch[1], scratch[2])
+            gru_update0(wl, isz[l], hp, par, ident, n, acc, scratch[0], scratch[1], scratch[2], h_out)
     else:
-        rnn_cells(wl, bias[l], flags[l, 1], x, hbuf[cur, l], par, n, h_out)
+        rnn_cells(wl, pre, prow, flags[l, 1], x, hp, par, ident, n, acc, h_out)
 
 
 @njit(**FAST)
-def stack_step(net, hbuf, cbuf, scratch, cur, tok, par, n):
+def stack_step(net, hbuf, cbuf, scratch, acc, cur, tok, par, ident, n):
     """Rows b < n take token tok[b] and continue state row par[b] of half ``cur``; writes half 1 - cur.
 
-    scratch (3, R, H) float32. The embedding rows are copied first so every layer sees the same
-    array type (one compiled version of each cell kernel).
+    scratch (3, R, H) and acc (H, 2, 4, 4) float32 scratch; ident (R,) = arange(R).
     """
-    emb = net[8]
-    x0 = np.empty((n, emb.shape[1]), F32)
-    for b in range(n):
-        x0[b] = emb[tok[b]]
+    bias, table, emb = net[5], net[6], net[9]
+    zeros = np.zeros(n, np.int64)
+    if table.shape[0] > 0:
+        x0 = np.empty((n, 0), F32)  # the table already holds W_ih x + bias
+    else:
+        x0 = np.empty((n, emb.shape[1]), F32)
+        for b in range(n):
+            x0[b] = emb[tok[b]]
     for l in range(hbuf.shape[1]):
         x = x0 if l == 0 else hbuf[1 - cur, l - 1]
-        _layer(net, l, x, hbuf, cbuf, scratch, cur, par, n)
+        if l == 0 and table.shape[0] > 0:
+            _layer(net, l, x, table, tok, hbuf, cbuf, scratch, acc, cur, par, ident, n)
+        else:
+            _layer(net, l, x, bias[l], zeros, hbuf, cbuf, scratch, acc, cur, par, ident, n)
 
 
 # --------------------------------------------------------------------------- output head
 
 @njit(parallel=True, **FAST)
-def head_blocks(head_w, head_b, f, n, nblk, logits, bmax, bsum):
+def head_blocks(head_w, head_b, f, ident, n, nblk, acc, logits, bmax, bsum):
     """logits[b] (K,) = head_w (K, F) @ f[b] + head_b for rows b < n, in nblk vocabulary blocks.
 
     Per block and row also the max (bmax (R, nblk)) and sum of exp(logit - max) (bsum), so that the
-    log-sum-exp needs no second pass over the vocabulary.
+    log-sum-exp needs no second pass over the vocabulary. acc (nblk, 4, 4) scratch.
     """
-    K, F = head_w.shape
+    K = head_w.shape[0]
     for blk in prange(nblk):
         lo, hi = blk * K // nblk, (blk + 1) * K // nblk
-        for v in range(lo, hi):
-            row = head_w[v]
-            for b in range(n):
-                fb = f[b]
-                s = head_b[v]
-                for k in range(F):
-                    s += row[k] * fb[k]
-                logits[b, v] = s
+        a = acc[blk]
+        for v in range(lo, hi, 4):
+            r1, r2, r3 = min(v + 1, hi - 1), min(v + 2, hi - 1), min(v + 3, hi - 1)  # a short tail repeats
+            for b0 in range(0, n, 4):
+                nb = min(4, n - b0)
+                a[:, :] = _ZERO
+                _dots(head_w[v], head_w[r1], head_w[r2], head_w[r3], f, ident, b0, nb, a)
+                for q in range(nb):
+                    for r in range(min(4, hi - v)):
+                        logits[b0 + q, v + r] = a[r, q] + head_b[v + r]
         for b in range(n):
             lb = logits[b]
             m = -BIG
@@ -251,9 +328,9 @@ def head_blocks(head_w, head_b, f, n, nblk, logits, bmax, bsum):
 
 
 @njit(**FAST)
-def head_lse(head_w, head_b, f, n, nblk, logits, bmax, bsum, lse):
+def head_lse(head_w, head_b, f, ident, n, nblk, logits, bmax, bsum, lse):
     """Logits of rows b < n into logits (R, K) and their log-sum-exp into lse (R,) float64."""
-    head_blocks(head_w, head_b, f, n, nblk, logits, bmax, bsum)
+    head_blocks(head_w, head_b, f, ident, n, nblk, np.empty((nblk, 4, 4), F32), logits, bmax, bsum)
     for b in range(n):
         m = -BIG
         for k in range(nblk):
@@ -394,9 +471,10 @@ def decode_rows(net, hbuf, cbuf, scratch, cur, tok, par, n, t0, steps, nblk, min
     Row b starts from token tok[b] and state row par[b] of half ``cur``; afterwards par is the identity.
     Returns (the step after the last one run, the half holding the state).
     """
-    head_w, head_b = net[9], net[10]
+    head_w, head_b = net[10], net[11]
     K = head_w.shape[0]
     L = hbuf.shape[1]
+    acc = np.empty((max(cbuf.shape[3], hbuf.shape[3], scratch.shape[2]), 2, 4, 4), F32)
     logits = np.empty((n, K), F32)
     bmax, bsum = np.empty((n, nblk), F32), np.empty((n, nblk), F32)
     lse = np.empty(n)
@@ -404,10 +482,10 @@ def decode_rows(net, hbuf, cbuf, scratch, cur, tok, par, n, t0, steps, nblk, min
     ident = np.arange(n)
     t = t0
     while t < t0 + steps:
-        stack_step(net, hbuf, cbuf, scratch, cur, tok, par, n)
+        stack_step(net, hbuf, cbuf, scratch, acc, cur, tok, par, ident, n)
         cur = 1 - cur
         par[:n] = ident
-        head_lse(head_w, head_b, hbuf[cur, L - 1], n, nblk, logits, bmax, bsum, lse)
+        head_lse(head_w, head_b, hbuf[cur, L - 1], ident, n, nblk, logits, bmax, bsum, lse)
         all_done = pick_rows(logits, lse, n, t, min_new, eos, stop, sample, temperature, top_k, top_p, rng,
                              done, tok, out_ids, out_lp, e, idx)
         t += 1
@@ -551,9 +629,11 @@ def trace(hist, back, t, b, out):
 def beam_search(net, hbuf, cbuf, scratch, cur, tok0, beam, max_new, min_new, eos, stop, alpha, nblk,
                 hist, back, fin_score, fin_lp, fin_t, fin_b, fin_end, fcount):
     """Beam search from state row 0 of half ``cur`` and input token tok0; see beam_update."""
-    head_w, head_b = net[9], net[10]
+    head_w, head_b = net[10], net[11]
     K = head_w.shape[0]
     L = hbuf.shape[1]
+    acc = np.empty((max(cbuf.shape[3], hbuf.shape[3], scratch.shape[2]), 2, 4, 4), F32)
+    ident = np.arange(beam)
     logits = np.empty((beam, K), F32)
     bmax, bsum = np.empty((beam, nblk), F32), np.empty((beam, nblk), F32)
     lse, live = np.empty(beam), np.zeros(beam)
@@ -561,9 +641,9 @@ def beam_search(net, hbuf, cbuf, scratch, cur, tok0, beam, max_new, min_new, eos
     tok[0] = tok0
     n = np.int64(1)  # not a literal: one compiled stack_step serves both loops
     for t in range(max_new):
-        stack_step(net, hbuf, cbuf, scratch, cur, tok, par, n)
+        stack_step(net, hbuf, cbuf, scratch, acc, cur, tok, par, ident, n)
         cur = 1 - cur
-        head_lse(head_w, head_b, hbuf[cur, L - 1], n, nblk, logits, bmax, bsum, lse)
+        head_lse(head_w, head_b, hbuf[cur, L - 1], ident, n, nblk, logits, bmax, bsum, lse)
         n, over = beam_update(logits, lse, live, n, t, beam, max_new, min_new, eos, stop, alpha, nblk,
                               hist, back, fin_score, fin_lp, fin_t, fin_b, fin_end, fcount)
         if over:

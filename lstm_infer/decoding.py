@@ -8,7 +8,8 @@ that chooses tokens with the same compiled pickers.
 
 The compiled path re-lays the recurrent weights once per Model (W_ih and W_hh side by side,
 interleaved per hidden unit, see decode_kernels) and caches that copy on the Model: extra memory equal
-to the recurrent weights (embedding and head are used in place).
+to the recurrent weights, plus layer 0's input projection of every token (V x G*H floats) when that is
+at most TABLE_BYTES; the embedding and head are used in place.
 """
 
 from __future__ import annotations
@@ -30,6 +31,10 @@ F32 = np.float32
 METHODS = ("greedy", "beam", "sample")
 ENGINES = ("auto", "compiled", "step")
 CELL_CODES = {"lstm": 0, "gru": 1, "rnn": 2}
+# Layer 0's input projection of every token (V, G*H floats) is precomputed when it takes at most this:
+# each token then reads one row of it instead of all of W_ih (13% of the bytes per token of a
+# V10k E650 H650 L2 model, for a 104 MB table).
+TABLE_BYTES = 128 << 20
 
 
 @dataclass
@@ -138,27 +143,36 @@ def _not_compiled(model) -> str | None:
 
 
 def _build_net(model) -> tuple:
-    """The ``net`` tuple of decode_kernels: recurrent weights as (H, G, I + P) per layer, one flat copy."""
+    """The ``net`` tuple of decode_kernels: recurrent weights as (H, G, I + P) per layer, one flat copy,
+    and layer 0's input projection of every token when that table fits TABLE_BYTES."""
     layers = model.layers
     cell = layers[0].cell
     G, H, P = CELLS[cell], layers[0].hidden, layers[0].out
-    flat, offs = [], [0]
-    for ly in layers:
-        d = ly.dirs[0]
-        w = np.concatenate([np.asarray(d.w_ih).reshape(G, H, -1), np.asarray(d.w_hh).reshape(G, H, P)], axis=2)
+    dirs = [ly.dirs[0] for ly in layers]
+    bias = np.stack([np.asarray(d.bias).reshape(G, H).T for d in dirs])[:, None]
+    V = model.vocab_size
+    if V * G * H * 4 <= TABLE_BYTES:
+        gx = np.matmul(np.asarray(model.embedding), np.asarray(dirs[0].w_ih).T) + dirs[0].bias  # (V, G*H)
+        table = gx.reshape(V, G, H).transpose(0, 2, 1)
+    else:
+        table = np.zeros((0, H, G), F32)
+    flat, offs, isz = [], [0], []
+    for li, d in enumerate(dirs):
+        w_ih = np.asarray(d.w_ih).reshape(G, H, -1)[:, :, : 0 if li == 0 and len(table) else None]
+        w = np.concatenate([w_ih, np.asarray(d.w_hh).reshape(G, H, P)], axis=2)
         flat.append(np.ascontiguousarray(w.transpose(1, 0, 2), F32).reshape(-1))
         offs.append(offs[-1] + flat[-1].size)
-    dirs = [ly.dirs[0] for ly in layers]
-    bias = np.ascontiguousarray(np.stack([np.asarray(d.bias).reshape(G, H).T for d in dirs]), F32)
-    b_hn = np.ascontiguousarray(np.stack([np.zeros(H) if d.b_hn is None else d.b_hn for d in dirs]), F32)
+        isz.append(w_ih.shape[2])
+    b_hn = np.stack([np.zeros(H) if d.b_hn is None else d.b_hn for d in dirs])
     proj = dirs[0].w_hr is not None
-    w_hr = np.ascontiguousarray(np.stack([d.w_hr for d in dirs]), F32) if proj else np.zeros((len(dirs), 0, 0), F32)
+    w_hr = np.stack([d.w_hr for d in dirs]) if proj else np.zeros((len(dirs), 0, 0))
     flags = np.array([[int(ly.lbr), int(ly.dirs[0].codes[0]) if cell == "rnn" else 0] for ly in layers], np.int64)
     K = model.head_w.shape[0]
-    head_b = np.zeros(K, F32) if model.head_b is None else np.array(model.head_b, F32)
-    return (CELL_CODES[cell], flags, np.concatenate(flat), np.array(offs, np.int64),
-            np.array([ly.input_size for ly in layers], np.int64), bias, b_hn, w_hr,
-            np.asarray(model.embedding), np.asarray(model.head_w), head_b)
+    head_b = np.zeros(K) if model.head_b is None else model.head_b
+    c = lambda a: np.ascontiguousarray(a, F32)  # noqa: E731
+    return (CELL_CODES[cell], flags, np.concatenate(flat), np.array(offs, np.int64), np.array(isz, np.int64),
+            c(bias), c(table), c(b_hn), c(w_hr), np.asarray(model.embedding), np.asarray(model.head_w),
+            np.array(head_b, F32))
 
 
 def _net(model, engine: str) -> tuple | None:

@@ -10,7 +10,7 @@ import pytest
 torch = pytest.importorskip("torch")
 from torch import nn  # noqa: E402
 
-from lstm_infer import LstmInferError  # noqa: E402
+from lstm_infer import LstmInferError, decoding  # noqa: E402
 from lstm_infer import format as fmt  # noqa: E402
 from lstm_infer.model import load  # noqa: E402
 from tests import naive  # noqa: E402
@@ -246,15 +246,21 @@ def test_sampling_is_reproducible(tmp_path):
 # --------------------------------------------------------------------------- compiled == Model.step path
 
 @pytest.mark.parametrize("key", list(CELLS) + ["gru-lbr0"])
-def test_compiled_equals_step_path(key, tmp_path):
-    model = gru_lbr0(tmp_path) if key == "gru-lbr0" else lm(tmp_path, key, eos_bias=1.0)[0]
-    runs = [dict(), dict(method="beam", beam_size=4, num_hypotheses=3, length_penalty=0.8),
-            dict(method="sample", num_hypotheses=3, seed=7, top_k=6, temperature=0.8)]
+def test_compiled_equals_step_path(key, tmp_path, monkeypatch):
+    """With and without the layer-0 table; 6 beams and 5 samples run the 4-row blocks and their tails."""
+    model = gru_lbr0(tmp_path, V=13) if key == "gru-lbr0" else lm(tmp_path, key, V=13, eos_bias=1.0)[0]
+    runs = [dict(), dict(method="beam", beam_size=6, num_hypotheses=3, length_penalty=0.8),
+            dict(method="sample", num_hypotheses=5, seed=7, top_k=6, temperature=0.8)]
+    budget = decoding.TABLE_BYTES
     for kw in runs:
-        fast = model.generate("ca", max_new_tokens=10, min_new_tokens=1, engine="compiled", **kw)
         slow = model.generate("ca", max_new_tokens=10, min_new_tokens=1, engine="step", **kw)
-        assert [(h.ids, h.ended) for h in fast] == [(h.ids, h.ended) for h in slow], kw
-        assert_close([h.log_prob for h in fast], [h.log_prob for h in slow], atol=1e-5)
+        for table in (True, False):
+            monkeypatch.setattr(decoding, "TABLE_BYTES", budget if table else 0)
+            model._decode_net = None  # rebuild the compiled network under this setting
+            fast = model.generate("ca", max_new_tokens=10, min_new_tokens=1, engine="compiled", **kw)
+            assert len(model._decode_net[0][6]) == (13 if table else 0)
+            assert [(h.ids, h.ended) for h in fast] == [(h.ids, h.ended) for h in slow], (kw, table)
+            assert_close([h.log_prob for h in fast], [h.log_prob for h in slow], atol=1e-5)
 
 
 def test_fallback_model_matches_numpy_reference(tmp_path):
