@@ -196,6 +196,24 @@ class Model:
 
         return score_text(self, text_or_lines, mode, batch_size, per_token)
 
+    def generate(self, prompt: str | list[str] | None = None, **options: Any) -> list:
+        """Continue a text (or each of a list): greedy, beam or sampled; options in decoding.generate."""
+        from .decoding import generate
+
+        return generate(self, prompt, **options)
+
+    def generate_ids(self, prompt_ids: Any = None, **options: Any) -> list:
+        """generate() on token ids (a list of ints, or a list of such lists)."""
+        from .decoding import generate_ids
+
+        return generate_ids(self, prompt_ids, **options)
+
+    def generate_tokens(self, prompt: str | None = None, **options: Any):
+        """A generator of text pieces as greedy or sampled tokens come; options in decoding.generate."""
+        from .decoding import generate_tokens
+
+        return generate_tokens(self, prompt, **options)
+
 
 def load(path: str | os.PathLike | None = None, *, threads: int | None = None) -> Model:
     """Map a model directory (None: the bundled default model). ``threads``: None = all cores."""
