@@ -225,3 +225,64 @@ def convert(src: str, out: str, **options: Any) -> None:
 
     click.echo(f"wrote {path}")
     click.echo(describe(load(path)))
+
+
+# ---------------------------------------------------------------------------------------------- generate
+
+@main.command()
+@click.argument("prompt", required=False, default="")
+@MODEL_OPTION
+@click.option("--method", type=click.Choice(["greedy", "beam", "sample"]), default="greedy", show_default=True)
+@click.option("--beam-size", type=int, default=5, show_default=True, help="Beams kept at every step.")
+@click.option("--max-tokens", type=int, default=100, show_default=True, help="New tokens at most.")
+@click.option("--min-tokens", type=int, default=0, show_default=True, help="New tokens before eos may end a text.")
+@click.option("--num-hypotheses", type=int, default=1, show_default=True,
+              help="The N best beams, or N independent samples.")
+@click.option("--length-penalty", type=float, default=1.0, show_default=True,
+              help="Hypotheses rank by log_prob / length**A (length counting the eos).")
+@click.option("--temperature", type=float, default=1.0, show_default=True, help="Sampling: divide logits by T.")
+@click.option("--top-k", type=int, default=0, show_default=True, help="Sampling: only the K likeliest tokens (0: all).")
+@click.option("--top-p", type=float, default=1.0, show_default=True,
+              help="Sampling: only the likeliest tokens whose mass reaches P.")
+@click.option("--seed", type=int, default=None, help="Sampling seed: the same seed gives the same text.")
+@click.option("--ignore-eos", is_flag=True, help="Keep going past the end-of-sequence token.")
+@click.option("--format", "fmt", type=click.Choice(["text", "json"]), default="text", show_default=True)
+@THREADS_OPTION
+def generate(prompt: str, model_path: str | None, method: str, beam_size: int, max_tokens: int, min_tokens: int,
+             num_hypotheses: int, length_penalty: float, temperature: float, top_k: int, top_p: float,
+             seed: int | None, ignore_eos: bool, fmt: str, threads: int | None) -> None:
+    """Continue PROMPT (default: from the model's start symbol) by greedy search, beam search or sampling.
+
+    Text output prints the prompt and then greedy or sampled tokens as they come; beams and several
+    hypotheses print best first with their scores. Log-probs are natural logs.
+    """
+    model = load_model(model_path, threads)
+    opts = dict(method=method, max_new_tokens=max_tokens, min_new_tokens=min_tokens, beam_size=beam_size,
+                num_hypotheses=num_hypotheses, length_penalty=length_penalty, temperature=temperature,
+                top_k=top_k, top_p=top_p, seed=seed, stop_at_eos=not ignore_eos)
+    tok = model.tokenizer
+    sep = " " if tok is not None and tok.kind == "word" and prompt.strip() else ""
+    out = sys.stdout
+    t0 = time.perf_counter()
+    if fmt == "text" and method != "beam" and num_hypotheses == 1:
+        pieces = model.generate_tokens(prompt, **opts)  # options are checked here, before anything prints
+        out.write(prompt)
+        for k, piece in enumerate(pieces):
+            out.write((sep if k == 0 else "") + piece)
+            out.flush()
+        out.write("\n")
+        click.echo(f"lstm-infer: generated in {time.perf_counter() - t0:.2f} s", err=True)
+        return
+    hyps = model.generate(prompt, **opts)
+    secs = time.perf_counter() - t0
+    if fmt == "json":
+        out.write(json.dumps({"prompt": prompt, "method": method, "hypotheses": [
+            {"text": h.text, "ids": h.ids, "log_prob": h.log_prob, "score": h.score, "ended": h.ended} for h in hyps]},
+            ensure_ascii=False) + "\n")
+    else:
+        for k, h in enumerate(hyps, 1):
+            end = "eos" if h.ended else "length limit"
+            out.write(f"[{k}] score {h.score:.4f}  log_prob {h.log_prob:.4f}  {len(h.ids)} tokens ({end})\n")
+            out.write(f"{prompt}{sep if h.text else ''}{h.text}\n")
+    n = sum(len(h.ids) + h.ended for h in hyps)
+    click.echo(f"lstm-infer: generated {n:,} tokens in {secs:.2f} s", err=True)

@@ -396,3 +396,23 @@ def test_threads_one_gives_the_same_tokens(tmp_path):
     b, _ = lm(tmp_path / "b", "lstm", eos_bias=0.5)
     for kw in (dict(), dict(method="beam", num_hypotheses=2)):
         assert [h.ids for h in a.generate("ab", **kw)] == [h.ids for h in b.generate("ab", **kw)]
+
+
+def test_cli_generate(tmp_path):
+    import json
+
+    from click.testing import CliRunner
+
+    from lstm_infer.cli import main
+
+    model, _ = lm(tmp_path, "lstm", eos_bias=0.5)
+    path = str(model.path)
+    run = lambda *args: CliRunner().invoke(main, ["generate", *args, "-m", path, "--max-tokens", "12"])  # noqa: E731
+    r = run("ab")
+    assert r.exit_code == 0 and r.stdout.splitlines()[0] == "ab" + model.generate("ab", max_new_tokens=12)[0].text
+    r = run("ab", "--method", "beam", "--num-hypotheses", "2", "--format", "json")
+    hyps = json.loads(r.stdout)["hypotheses"]
+    assert [h["ids"] for h in hyps] == [h.ids for h in model.generate("ab", method="beam", num_hypotheses=2,
+                                                                      max_new_tokens=12)]
+    r = run("ab", "--method", "sample", "--temperature", "0")
+    assert r.exit_code == 1 and "temperature must be > 0" in r.stderr and r.stderr.count("\n") == 1
