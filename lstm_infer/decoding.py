@@ -20,6 +20,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
+import numba
 import numpy as np
 
 from . import decode_kernels as dk
@@ -190,6 +191,12 @@ def _net(model, engine: str) -> tuple | None:
     return net
 
 
+def _numba_threads(model) -> None:
+    """The compiled loops use no BLAS: setting Numba's thread count is all of Model._threads() they need,
+    and it is cheap enough for streaming, where threadpoolctl's limit would cost ~0.1 ms per token."""
+    numba.set_num_threads(model.threads)
+
+
 def _blocks(model, k: int) -> int:
     return max(1, min(k, 4 * model.threads))
 
@@ -292,10 +299,10 @@ class _Rows:
         R = len(self.tok)
         if self.net is not None:
             b = self.buf
-            with m._threads():
-                self.t, self.cur = dk.decode_rows(self.net, b.h, b.c, b.scratch, self.cur, self.tok, self.par, R,
-                                                  self.t, steps, _blocks(m, m.vocab_size), *common, self.done,
-                                                  self.out_ids, self.out_lp)
+            _numba_threads(m)
+            self.t, self.cur = dk.decode_rows(self.net, b.h, b.c, b.scratch, self.cur, self.tok, self.par, R,
+                                              self.t, steps, _blocks(m, m.vocab_size), *common, self.done,
+                                              self.out_ids, self.out_lp)
             return
         zero = np.zeros(R)
         for _ in range(steps):
@@ -338,8 +345,8 @@ def _beam(model, opts: Options, seq: np.ndarray) -> list[Hypothesis]:
     common = (K, T, opts.min_new_tokens, eos, opts.stop_at_eos, alpha, _blocks(model, model.vocab_size))
     if net is not None:
         buf = _Buffers(model, st, K)
-        with model._threads():
-            dk.beam_search(net, buf.h, buf.c, buf.scratch, 0, int(last[0]), *common, hist, back, *fin)
+        _numba_threads(model)
+        dk.beam_search(net, buf.h, buf.c, buf.scratch, 0, int(last[0]), *common, hist, back, *fin)
     else:
         state, live = model._state_out(st), np.zeros(K)
         tok, par, n = last[:1], np.zeros(1, np.int64), 1
