@@ -53,6 +53,8 @@ class Hypothesis:
 
 @dataclass(frozen=True)
 class Options:
+    """Decoding options, as generate() documents them; ``check`` raises a one-line error for a bad one."""
+
     method: str = "greedy"
     max_new_tokens: int = 100
     min_new_tokens: int = 0
@@ -124,8 +126,8 @@ def _check_model(model) -> None:
         raise LstmInferError(f"{_where(model)}: generation needs a model with an embedding and an output head")
     for li, lc in enumerate(model.config["layers"]):
         if lc["direction"] != "forward":
-            raise LstmInferError(f"{_where(model)}: layer {li} is {lc['direction']}: such a model sees the "
-                                 "future and cannot generate left to right")
+            raise LstmInferError(f"{_where(model)}: layer {li} is {lc['direction']}: only a stack of forward "
+                                 "layers can generate text left to right")
     if model.head_w.shape[0] != model.vocab_size:
         raise LstmInferError(f"{_where(model)}: the head has {model.head_w.shape[0]} outputs but the embedding "
                              f"{model.vocab_size} rows: generated tokens could not be fed back")
@@ -371,6 +373,8 @@ def _beam(model, opts: Options, seq: np.ndarray) -> list[Hypothesis]:
 
 def _decode(model, prompts: list[np.ndarray], opts: Options) -> list[list[Hypothesis]]:
     _check_model(model)
+    if not prompts:
+        return []
     seqs = _sequences(model, prompts)
     if opts.method == "beam":
         return [_beam(model, opts, s) for s in seqs]
@@ -430,11 +434,13 @@ def generate_ids(model, prompt_ids: Any = None, **options: Any) -> list:
     The start symbol, when the model has a tokenizer with one, is put in front as for text.
     """
     opts = _options(options)
-    arr = None if prompt_ids is None else prompt_ids
+    arr = [] if prompt_ids is None else prompt_ids
     batch = (isinstance(arr, np.ndarray) and arr.ndim == 2) or (
         isinstance(arr, (list, tuple)) and len(arr) > 0 and all(isinstance(p, (list, tuple, np.ndarray)) for p in arr))
-    rows = list(arr) if batch else [[] if arr is None else arr]
-    prompts = [model._ids(np.asarray(p, dtype=np.int64) if len(p) == 0 else p, 1, "prompt_ids") for p in rows]
+    prompts = []
+    for p in arr if batch else [arr]:
+        p = np.asarray(p)
+        prompts.append(model._ids(p.astype(np.int64) if p.size == 0 else p, 1, "prompt_ids"))
     out = _decode(model, prompts, opts)
     return out if batch else out[0]
 
