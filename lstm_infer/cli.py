@@ -96,8 +96,11 @@ def _num(x: float | None) -> float | None:
 @click.option("--progress/--no-progress", default=None, help="Progress on stderr (default: when it is a terminal).")
 @click.option("--encoding-errors", type=click.Choice(["strict", "replace"]), default="strict", show_default=True,
               help="Non-UTF-8 input: stop with an error, or score it with U+FFFD in place of bad bytes.")
+@click.option("--scheduler", default=None, metavar="ADDRESS",
+              help="Score on a Dask cluster: its scheduler (tcp://host:8786), or 'local' for worker processes here.")
 def score(files: tuple[str, ...], model_path: str | None, mode: str, fmt: str, per_line: bool, per_token: bool,
-          batch_size: int, threads: int | None, progress: bool | None, encoding_errors: str) -> None:
+          batch_size: int, threads: int | None, progress: bool | None, encoding_errors: str,
+          scheduler: str | None) -> None:
     """Perplexity of text FILES (none or '-': standard input). Log-probs are natural logs."""
     from .scoring import Scorer, ScoreResult
     from .textio import Progress, open_input, read_pieces
@@ -116,7 +119,15 @@ def score(files: tuple[str, ...], model_path: str | None, mode: str, fmt: str, p
             ["source", "line", "tokens", "oov", "log_prob", "perplexity"]
         out.write("\t".join(cols) + "\n")
     first = True
-    for path in files or ("-",):
+    if scheduler is not None:  # distributed.py does the work; lines come back in input order
+        from .distributed import score_for_cli
+
+        for ls in score_for_cli(files, model_path, scheduler, total, mode=mode, batch_size=batch_size,
+                                threads=threads, per_line=per_line, per_token=per_token,
+                                encoding_errors=encoding_errors):
+            _write_line(out, fmt, ls, per_token, first)
+            first = False
+    for path in (files or ("-",)) if scheduler is None else ():
         f, name, size = open_input(path)
         bar = Progress(size, show)
         try:

@@ -59,9 +59,9 @@ def _decode(raw: bytes, name: str, line: int, errors: str) -> str:
 
 
 def read_pieces(f: BinaryIO, name: str, *, errors: str = "strict", word_cut: bool = False,
-                max_piece: int = MAX_PIECE, progress: Progress | None = None) -> Iterator[Piece]:
-    """Yield the pieces of every line of a binary stream, in order."""
-    line, carry, first = 1, b"", True
+                max_piece: int = MAX_PIECE, progress: Progress | None = None, first_line: int = 1) -> Iterator[Piece]:
+    """Yield the pieces of every line of a binary stream, in order; ``first_line`` numbers the stream's first line."""
+    line, carry, first = first_line, b"", True
     while True:
         new = f.readline(max_piece)
         if progress is not None:
