@@ -86,12 +86,21 @@ def load_onnx(path: pathlib.Path) -> tuple[dict, dict[str, np.ndarray], None]:
         raise LstmInferError(f"{where}: not an ONNX model, or a truncated one ({msg})") from None
     if not model.ir_version or not model.HasField("graph") or not model.graph.node:
         raise LstmInferError(f"{where}: not an ONNX model, or a truncated one (no graph)")
+    g = model.graph
+    names = [o.domain for o in model.opset_import] + [t.name for t in g.initializer] + [
+        v.name for v in (*g.input, *g.output)] + [x for n in g.node for x in (
+            n.name, n.op_type, n.domain, *n.input, *n.output, *(a.name for a in n.attribute))]
+    if not all(isinstance(x, str) for x in names):  # protobuf hands back bytes for a proto2 string that is not UTF-8
+        raise LstmInferError(f"{where}: names in the graph are not valid UTF-8 (a damaged file)")
     opsets = {o.domain: o.version for o in model.opset_import}
     opset = opsets.get("", opsets.get("ai.onnx"))
     if opset is None:
         raise LstmInferError(f"{where}: the model imports no default-domain opset")
     walk = _Walker(path, model.graph, opset)
-    config, tensors = walk.run()
+    try:
+        config, tensors = walk.run()
+    except LstmInferError as err:  # names from the file may hold line breaks: the message stays one line
+        raise LstmInferError(str(err).replace("\r", "\\r").replace("\n", "\\n")) from None
     config["provenance"] = {
         "source": path.name, "sha256": hashlib.sha256(data).hexdigest(), "source_kind": "onnx",
         "opset": int(opset), "converter": "lstm-infer " + lstm_infer.__version__,

@@ -68,6 +68,9 @@ def _read_pickled(path: Path) -> tuple[dict[str, np.ndarray], list[str] | None]:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as err:
         found = re.search(r"GLOBAL ([\w.]+)", str(err))
+        if found is None and "global" not in str(err).lower():  # refused for no code: a damaged pickle
+            raise LstmInferError(f"{where}: torch.load cannot read it, the file is truncated or corrupt "
+                                 "(not a valid pickle)") from None
         what = f" ({found.group(1)})" if found else ""
         raise LstmInferError(
             f"{where}: holds Python objects{what} that only running their code could rebuild, which the converter "
@@ -178,7 +181,7 @@ def _read_safetensors(path: Path) -> tuple[dict[str, np.ndarray], list[str] | No
         if key in meta:
             try:
                 entries[key] = json.loads(meta[key])
-            except ValueError:
+            except (ValueError, RecursionError):
                 raise LstmInferError(f"{where}: metadata '{key}' is not JSON") from None
     return out, find_vocab(entries, where)
 
@@ -543,4 +546,7 @@ def load_torch(path: Path, kind: str, *, nonlinearity: str = "tanh", embedding: 
     arrays, original = normalize_names(state, where)
     config, tensors = build_spec(arrays, original, where, nonlinearity=nonlinearity, embedding=embedding,
                                  rnn=rnn, head=head)
+    bad = next((k for k, a in tensors.items() if not np.isfinite(a).all()), None)
+    if bad is not None:
+        raise LstmInferError(f"{where}: the weights for '{bad}' hold NaN or Inf values")
     return config, tensors, vocab

@@ -80,7 +80,7 @@ def parse_vocab_text(text: str, where: str) -> list[str]:
     if stripped[:1] in ("[", "{"):
         try:
             data = json.loads(stripped)
-        except ValueError as err:
+        except (ValueError, RecursionError) as err:
             # A char vocabulary may well start with "[" or "{": only a .json file must be JSON.
             if where.lower().endswith(".json"):
                 raise LstmInferError(f"{where}: not valid JSON ({str(err).splitlines()[0]})") from None

@@ -163,11 +163,11 @@ def validate_config(config: Any, where: str = CONFIG_FILE) -> dict:
         lw = f"{where} layer {li}"
         _need(isinstance(layer, dict), lw, "must be an object")
         cell = layer.get("cell")
-        _need(cell in CELLS, lw, f"cell {cell!r} is not one of {', '.join(CELLS)}")
+        _need(isinstance(cell, str) and cell in CELLS, lw, f"cell {cell!r} is not one of {', '.join(CELLS)}")
         i, h = _int(layer, "input_size", lw), _int(layer, "hidden_size", lw)
         p = _int(layer, "proj_size", lw, lo=0)
         _need(p == 0 or (cell == "lstm" and p < h), lw, "proj_size needs an lstm cell and must be < hidden_size")
-        _need(layer.get("direction") in DIRECTIONS, lw,
+        _need(isinstance(layer.get("direction"), str) and layer["direction"] in DIRECTIONS, lw,
               f"direction {layer.get('direction')!r} is not one of {', '.join(DIRECTIONS)}")
         _need(prev is None or i == prev, lw, f"input_size {i} does not match the previous output size {prev}")
         for flag in ("peepholes", "input_forget", "linear_before_reset"):
@@ -175,7 +175,8 @@ def validate_config(config: Any, where: str = CONFIG_FILE) -> dict:
         _need(not layer["peepholes"] or cell == "lstm", lw, "peepholes need an lstm cell")
         _need(not layer["input_forget"] or cell == "lstm", lw, "input_forget needs an lstm cell")
         _need(not layer["linear_before_reset"] or cell == "gru", lw, "linear_before_reset needs a gru cell")
-        clip = layer.get("clip")
+        _need("clip" in layer, lw, "missing key 'clip'")
+        clip = layer["clip"]
         _need(clip is None or (isinstance(clip, (int, float)) and not isinstance(clip, bool)
                                and math.isfinite(clip) and clip > 0), lw, "'clip' must be null or a positive number")
         acts = layer.get("activations")
@@ -184,7 +185,8 @@ def validate_config(config: Any, where: str = CONFIG_FILE) -> dict:
               and all(isinstance(a, list) and len(a) == na for a in acts), lw,
               f"'activations' must hold {nd} list(s) of {na} activation(s)")
         for a in (x for per_dir in acts for x in per_dir):
-            _need(isinstance(a, dict) and a.get("name") in ACTIVATIONS, lw, f"unknown activation {a!r}")
+            _need(isinstance(a, dict) and isinstance(a.get("name"), str) and a["name"] in ACTIVATIONS, lw,
+                  f"unknown activation {a!r}")
             _need(all(isinstance(a.get(k), (int, float)) and math.isfinite(a[k]) for k in ("alpha", "beta")),
                   lw, f"activation {a['name']} needs finite alpha and beta")
         g = CELLS[cell]
@@ -272,7 +274,7 @@ def read_model(path: str | os.PathLike, check_finite: bool = True
     _need(_inside(cfg_path, root), str(cfg_path), "is a link leading out of the model directory")
     try:
         config = json.loads(cfg_path.read_text(encoding="utf-8"))
-    except (ValueError, UnicodeDecodeError) as err:
+    except (ValueError, RecursionError) as err:  # RecursionError: nesting deeper than the parser's stack
         raise LstmInferError(f"{cfg_path}: not valid JSON ({str(err).splitlines()[0]})") from None
     validate_config(config, str(cfg_path))
     shapes = expected_tensors(config)
@@ -284,6 +286,8 @@ def read_model(path: str | os.PathLike, check_finite: bool = True
     for name, shape in shapes.items():
         file = root / f"{name}.npy"
         _need(not file.exists() or _inside(file, root), str(file), "is a link leading out of the model directory")
+        # A FIFO or device would block or stream forever in np.load.
+        _need(not file.exists() or file.is_file(), str(file), "is not a regular file")
         tensors[name] = _load_tensor(file, name, shape, check_finite)
     vocab = None
     if config["tokenizer"] is not None:
@@ -292,7 +296,7 @@ def read_model(path: str | os.PathLike, check_finite: bool = True
         _need(_inside(vpath, root), str(vpath), "is a link leading out of the model directory")
         try:
             vocab = json.loads(vpath.read_text(encoding="utf-8"))
-        except (ValueError, UnicodeDecodeError) as err:
+        except (ValueError, RecursionError) as err:
             raise LstmInferError(f"{vpath}: not valid JSON ({str(err).splitlines()[0]})") from None
         validate_vocab(vocab, config, str(vpath))
     return config, tensors, vocab

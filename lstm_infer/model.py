@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +21,38 @@ F32 = np.float32
 DEFAULT_MODEL = Path(__file__).parent / "data" / "default"
 
 State = tuple[Any, Any]
+
+
+class _BlasLimit:
+    """The process-wide BLAS thread limit, shared by the calls in flight: the first sets it, the last restores it.
+
+    threadpoolctl's limit() saves and restores a process-wide setting; calls from several threads that each
+    did so would restore one another's values out of order and leave the process with a wrong thread count.
+    """
+
+    def __init__(self):
+        self.lock = threading.Lock()
+        self.users = 0
+        self.limiter = None
+        self.controller: ThreadpoolController | None = None
+
+    @contextlib.contextmanager
+    def __call__(self, threads: int):
+        with self.lock:
+            if self.users == 0:
+                self.controller = self.controller or ThreadpoolController()
+                self.limiter = self.controller.limit(limits=threads, user_api="blas")
+            self.users += 1
+        try:
+            yield
+        finally:
+            with self.lock:
+                self.users -= 1
+                if self.users == 0:
+                    self.limiter.restore_original_limits()
+
+
+_BLAS = _BlasLimit()
 
 
 class Model:
@@ -46,15 +79,14 @@ class Model:
         self.head_b = tensors.get("head.bias")
         tok = config["tokenizer"]
         self.tokenizer = Tokenizer.from_config(tok, vocab) if tok is not None else None
-        self._blas = ThreadpoolController()
         self._uniform = len({(ly.cell, ly.out, ly.hidden) for ly in self.layers}) == 1
 
     # ------------------------------------------------------------------ helpers
     @contextlib.contextmanager
     def _threads(self):
-        """Numba and BLAS both get exactly ``threads``: never oversubscribed."""
+        """Numba (per calling thread) and BLAS (process-wide, see _BlasLimit) get ``threads``: never oversubscribed."""
         numba.set_num_threads(self.threads)
-        with self._blas.limit(limits=self.threads, user_api="blas"):
+        with _BLAS(self.threads):
             yield
 
     @property
@@ -118,6 +150,8 @@ class Model:
         T, B = x.shape[:2]
         st = self._state_in(state, B)
         valid = self._valid(T, B, lengths)
+        if T == 0 or B == 0:  # nothing to run; the kernels' reshape(-1) cannot size an empty batch
+            return np.zeros((T, B, self.layers[-1].output_size), F32), st
         with self._threads():
             out = recurrent.run_stack(self.layers, x, st, valid)
         return out, st
@@ -147,8 +181,8 @@ class Model:
         feats, st = self._forward(self._embed(ids), state, lengths)
         T, B = ids.shape
         with self._threads():
-            out = head.logits(feats.reshape(T * B, -1), self.head_w, self.head_b)
-        return out.reshape(T, B, -1), self._state_out(st)
+            out = head.logits(feats.reshape(T * B, feats.shape[2]), self.head_w, self.head_b)
+        return out.reshape(T, B, out.shape[1]), self._state_out(st)
 
     def log_probs(self, ids: Any, state: State | None = None, lengths: Any = None) -> tuple[np.ndarray, State]:
         """ids (T, B) -> log-probabilities (T, B, K), state."""
@@ -157,8 +191,8 @@ class Model:
         feats, st = self._forward(self._embed(ids), state, lengths)
         T, B = ids.shape
         with self._threads():
-            out = head.log_probs(feats.reshape(T * B, -1), self.head_w, self.head_b)
-        return out.reshape(T, B, -1), self._state_out(st)
+            out = head.log_probs(feats.reshape(T * B, feats.shape[2]), self.head_w, self.head_b)
+        return out.reshape(T, B, out.shape[1]), self._state_out(st)
 
     def step(self, ids: Any, state: State | None = None) -> tuple[np.ndarray, State]:
         """One token per row: ids (B,) -> log-probabilities (B, K) of the next token, state."""
@@ -179,7 +213,7 @@ class Model:
         T, B = ids.shape
         feats, st = self._forward(self._embed(ids), state, lengths)
         with self._threads():
-            lp = head.target_log_probs(feats.reshape(T * B, -1), self.head_w, self.head_b, tg.reshape(-1))
+            lp = head.target_log_probs(feats.reshape(T * B, feats.shape[2]), self.head_w, self.head_b, tg.reshape(-1))
         lp = lp.reshape(T, B)
         if lengths is not None:
             lp[~self._valid(T, B, lengths)] = 0.0

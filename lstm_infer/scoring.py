@@ -11,6 +11,7 @@ stream, with the same numbers. Log-probabilities are natural logs; totals add in
 
 from __future__ import annotations
 
+import itertools
 import math
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
@@ -22,6 +23,7 @@ from .textio import Piece
 
 MODES = ("sentences", "stream")
 BLOCK_LINES = 4096  # lines sorted together for batching
+BLOCK_TOKENS = 1 << 21  # ... and at most this many tokens, so memory does not grow with line length
 STREAM_CHUNK = 2048  # tokens per engine call in stream mode
 CHUNK_BYTES = 64 << 20  # cap on one call's input projections: T * B * G * H floats
 
@@ -52,7 +54,12 @@ class LineScore:
 
 
 def _ppl(log_prob: float, n: int) -> float | None:
-    return math.exp(-log_prob / n) if n > 0 else None
+    if n <= 0:
+        return None
+    try:
+        return math.exp(-log_prob / n)
+    except OverflowError:  # binary junk scored per word can exceed e^709
+        return math.inf
 
 
 @dataclass
@@ -145,11 +152,11 @@ class Scorer:
         return self._sentences(pieces, source)
 
     # ------------------------------------------------------------------ shared pieces
-    def _tokens(self, text: str) -> tuple[np.ndarray, np.ndarray]:
+    def _tokens(self, text: str, where: str) -> tuple[np.ndarray, np.ndarray]:
         try:
             return self.tok.encode_oov(text)
         except LstmInferError as err:
-            raise LstmInferError(str(err)) from None
+            raise LstmInferError(f"{where}: {err}") from None
 
     def _account(self, ls: LineScore, targets: np.ndarray, oov: np.ndarray, lp: np.ndarray) -> None:
         """Add scored targets to a line; NaN in lp marks a token that was context only."""
@@ -169,7 +176,7 @@ class Scorer:
 
     def _piece_tokens(self, ls: LineScore, p: Piece, first_of_stream: bool) -> tuple[np.ndarray, np.ndarray]:
         """A piece's tokens with the start symbol before a stream's first piece and eos after a line's last."""
-        ids, oov = self._tokens(p.text)
+        ids, oov = self._tokens(p.text, f"{ls.source}:{p.line}")
         n, ls._in_word = _count_words(p.text, ls._in_word)
         ls.words += n
         pre = [self.start] if first_of_stream and self.start is not None else []
@@ -216,15 +223,17 @@ class Scorer:
     # ------------------------------------------------------------------ sentences mode
     def _sentences(self, pieces: Iterable[Piece], source: str) -> Iterator[LineScore]:
         block: list[tuple[LineScore, np.ndarray, np.ndarray]] = []
+        tokens = 0
         it = iter(pieces)
         for p in it:
             if p.first and p.last:
                 ls = LineScore(source, p.line)
                 ids, oov = self._piece_tokens(ls, p, True)
                 block.append((ls, ids, oov))
-                if len(block) >= BLOCK_LINES:
+                tokens += len(ids)
+                if len(block) >= BLOCK_LINES or tokens >= BLOCK_TOKENS:
                     yield from self._score_block(block)
-                    block = []
+                    block, tokens = [], 0
             else:  # a long line: whatever came before it first, then the line as its own stream
                 yield from self._score_block(block)
                 block = []
@@ -237,8 +246,13 @@ class Scorer:
         n = np.array([len(ids) - 1 for _, ids, _ in block])
         order = np.argsort(n, kind="stable")
         lps: list[np.ndarray | None] = [None] * len(block)
-        for s in range(0, len(order), self.batch_size):
-            idx = order[s:s + self.batch_size]
+        s = 0
+        while s < len(order):
+            # Rows sorted by length; long rows go fewer at a time so the padded (T, rows) ids stay bounded.
+            e = min(len(order), s + self.batch_size)
+            while e - s > 1 and n[order[e - 1]] * (e - s) > BLOCK_TOKENS:
+                e -= 1
+            idx, s = order[s:e], e
             T = int(n[idx].max())
             if T <= 0:
                 continue
@@ -272,8 +286,9 @@ class Scorer:
 
 
 def _prepend(p: Piece, it: Iterator[Piece]) -> Iterator[Piece]:
-    yield p
-    yield from it
+    # Not a generator with ``yield from it``: when the long line's stream stops early, closing that generator
+    # would close ``it`` too, and every line after the long one would be lost.
+    return itertools.chain((p,), it)
 
 
 class _Stream:

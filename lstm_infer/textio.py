@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from typing import BinaryIO
 
 from .errors import LstmInferError
+from .tokenizer import utf8_bytes
 
 MAX_PIECE = 1 << 20
 _ASCII_SPACE = b" \t\x0b\x0c\r"
@@ -32,10 +33,8 @@ class Piece:
 
 def _cut(raw: bytes, word_cut: bool) -> int:
     """Where to split a partial line so no character (or word, with ``word_cut``) is broken."""
-    if word_cut:
-        k = max(raw.rfind(bytes([c])) for c in _ASCII_SPACE)
-        if k >= 0:
-            return k + 1
+    if word_cut:  # no space: 0, so the caller reads on (a word is never split)
+        return max(raw.rfind(bytes([c])) for c in _ASCII_SPACE) + 1
     k = len(raw)
     # Step back over UTF-8 continuation bytes (10xxxxxx) to the lead byte of the last character.
     back = 0
@@ -111,9 +110,9 @@ def open_input(path: str) -> tuple[BinaryIO, str, int | None]:
 
 def lines_of(text: str | list[str] | tuple[str, ...]) -> io.BytesIO:
     """In-memory text (one string, or a list of lines) as a binary stream for read_pieces."""
-    if isinstance(text, str):
-        return io.BytesIO(text.encode("utf-8", "surrogateescape"))
-    return io.BytesIO("".join(s + "\n" for s in text).encode("utf-8", "surrogateescape"))
+    if not isinstance(text, str) and not (isinstance(text, (list, tuple)) and all(isinstance(s, str) for s in text)):
+        raise LstmInferError(f"text must be a string or a list of strings, got {type(text).__name__}")
+    return io.BytesIO(utf8_bytes(text if isinstance(text, str) else "".join(s + "\n" for s in text)))
 
 
 class Progress:

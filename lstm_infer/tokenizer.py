@@ -38,7 +38,7 @@ class Tokenizer:
     def encode_oov(self, text: str) -> tuple[np.ndarray, np.ndarray]:
         """Token ids (int64) and a bool mask of the tokens that were out of vocabulary (mapped to unk)."""
         if self.kind == "byte":
-            ids = np.frombuffer(text.encode("utf-8", "surrogateescape"), np.uint8).astype(np.int64)
+            ids = np.frombuffer(utf8_bytes(text), np.uint8).astype(np.int64)
             return ids, np.zeros(len(ids), np.bool_)
         pieces = text.split() if self.kind == "word" else list(text)
         ids = np.empty(len(pieces), np.int64)
@@ -68,3 +68,12 @@ class Tokenizer:
         if self.kind == "byte" and i < 256:
             return chr(i) if 32 <= i < 127 else f"<0x{i:02X}>"
         return self.vocab[i]
+
+
+def utf8_bytes(text: str) -> bytes:
+    """UTF-8 bytes of a text; surrogate-escaped bytes (U+DC80..U+DCFF) come back as the bytes they stand for."""
+    try:
+        return text.encode("utf-8", "surrogateescape")
+    except UnicodeEncodeError as err:  # a lone surrogate elsewhere has no UTF-8 form
+        raise LstmInferError(f"text holds a lone surrogate U+{ord(text[err.start]):04X} at character {err.start}, "
+                             "which has no UTF-8 bytes") from None
