@@ -53,6 +53,15 @@ class _BlasLimit:
 
 
 _BLAS = _BlasLimit()
+_WORKQUEUE = threading.RLock()  # Numba's workqueue layer aborts the process when two threads launch kernels at once
+
+
+def _unsafe_layer() -> bool:
+    """True under Numba's workqueue threading layer (no TBB, no OpenMP), or before any layer is chosen."""
+    try:
+        return numba.threading_layer() == "workqueue"
+    except ValueError:  # chosen at the first parallel launch: until then, assume the worst
+        return True
 
 
 class Model:
@@ -86,7 +95,7 @@ class Model:
     def _threads(self):
         """Numba (per calling thread) and BLAS (process-wide, see _BlasLimit) get ``threads``: never oversubscribed."""
         numba.set_num_threads(self.threads)
-        with _BLAS(self.threads):
+        with _BLAS(self.threads), (_WORKQUEUE if _unsafe_layer() else contextlib.nullcontext()):
             yield
 
     @property

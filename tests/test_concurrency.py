@@ -6,6 +6,9 @@ threadpoolctl) around every call; both must leave results, and the process's set
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 from concurrent.futures import ThreadPoolExecutor
 
 import numba
@@ -80,3 +83,21 @@ def test_models_with_different_thread_counts_at_once(model_dir):
         for a, b in zip(g, s):
             assert_close(a, b, atol=1e-6, rtol=1e-6)
     assert (numba.get_num_threads(), blas_threads()) == before
+
+
+def test_workqueue_layer_is_serialised(model_dir):
+    """Numba's fallback layer (no TBB, no OpenMP) aborts the process on concurrent launches: Model must queue them."""
+    code = f"""
+from concurrent.futures import ThreadPoolExecutor
+import numba
+from lstm_infer import load
+from tests.test_concurrency import jobs
+model = load({str(model_dir)!r}, threads=2)
+runs = [jobs(s) for s in range(4)]
+with ThreadPoolExecutor(max_workers=4) as pool:
+    list(pool.map(lambda run: run(model), runs * 2))
+print(numba.threading_layer())
+"""
+    env = dict(os.environ, NUMBA_THREADING_LAYER="workqueue")
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
+    assert res.returncode == 0 and res.stdout.split() == ["workqueue"], res.stderr[-2000:]
