@@ -107,7 +107,10 @@ class Model:
             raise LstmInferError(f"{what} needs a model with an embedding and an output head")
 
     def _ids(self, ids: Any, ndim: int, name: str = "ids") -> np.ndarray:
-        arr = np.asarray(ids)
+        try:
+            arr = np.asarray(ids)
+        except (ValueError, TypeError):  # ragged nested lists
+            raise LstmInferError(f"{name} must be an integer array with {ndim} dimension(s), got ragged rows") from None
         if arr.ndim != ndim or not (arr.size == 0 or np.issubdtype(arr.dtype, np.integer)):
             raise LstmInferError(
                 f"{name} must be an integer array with {ndim} dimension(s), got {arr.dtype} {arr.shape}")

