@@ -151,6 +151,7 @@ def score(files: tuple[str, ...], model_path: str | None, mode: str, fmt: str, p
 
 
 def _write_line(out, fmt: str, ls, per_token: bool, first: bool) -> None:
+    from .scoring import _ppl
     if fmt == "json":
         out.write(("" if first else ",") + "\n " + json.dumps(ls.as_dict(), ensure_ascii=False))
     elif fmt == "tsv":
@@ -159,10 +160,10 @@ def _write_line(out, fmt: str, ls, per_token: bool, first: bool) -> None:
                 tok = t.replace("\t", "\\t").replace("\n", "\\n")
                 out.write(f"{ls.source}\t{ls.line}\t{k}\t{tok}\t{lp:.6f}\t{int(o)}\n")
         else:
-            ppl = math.exp(-ls.log_prob / ls.tokens) if ls.tokens else None
+            ppl = _ppl(ls.log_prob, ls.tokens)
             out.write(f"{ls.source}\t{ls.line}\t{ls.tokens}\t{ls.oov}\t{ls.log_prob:.6f}\t{_fmt(ppl)}\n")
     else:
-        ppl = math.exp(-ls.log_prob / ls.tokens) if ls.tokens else None
+        ppl = _ppl(ls.log_prob, ls.tokens)
         out.write(f"{ls.source}:{ls.line}\tlog_prob={ls.log_prob:.4f}\ttokens={ls.tokens}\toov={ls.oov}"
                   f"\tppl={_fmt(ppl)}\n")
         if per_token:

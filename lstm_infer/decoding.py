@@ -439,7 +439,10 @@ def generate_ids(model, prompt_ids: Any = None, **options: Any) -> list:
         isinstance(arr, (list, tuple)) and len(arr) > 0 and all(isinstance(p, (list, tuple, np.ndarray)) for p in arr))
     prompts = []
     for p in arr if batch else [arr]:
-        p = np.asarray(p)
+        try:
+            p = np.asarray(p)
+        except ValueError:  # ragged nesting
+            raise LstmInferError("prompt_ids must be a list of token ids, or a list of such lists") from None
         prompts.append(model._ids(p.astype(np.int64) if p.size == 0 else p, 1, "prompt_ids"))
     out = _decode(model, prompts, opts)
     return out if batch else out[0]
