@@ -88,48 +88,64 @@ def act_inplace(v, code, alpha, beta):
 
 
 @njit(inline="always", **FAST)
-def _lstm_row(gx, gh, bias, peep, clip, input_forget, c, y):
-    """One batch row of lstm_step: gx, gh (4H,), c, y (H,)."""
-    H = c.shape[0]
-    for j in range(H):
-        cp = c[j]
-        i = fsigmoid(_clip(gx[j] + gh[j] + bias[j] + peep[0, j] * cp, clip))
+def _lstm_unit(gx, gh, bias, peep, clip, input_forget, c, y, valid, j):
+    """Hidden unit j of lstm_step_t for every batch column (the inner loop runs along contiguous b)."""
+    H, B = c.shape
+    bi, bf, bg, bo = bias[j], bias[H + j], bias[2 * H + j], bias[3 * H + j]
+    pi, pf, po = peep[0, j], peep[1, j], peep[2, j]
+    for b in range(B):
+        cp = c[j, b]
+        i = fsigmoid(_clip(gx[j, b] + gh[j, b] + bi + pi * cp, clip))
         if input_forget:
             f = _ONE - i
         else:
-            f = fsigmoid(_clip(gx[H + j] + gh[H + j] + bias[H + j] + peep[1, j] * cp, clip))
-        g = ftanh(_clip(gx[2 * H + j] + gh[2 * H + j] + bias[2 * H + j], clip))
+            f = fsigmoid(_clip(gx[H + j, b] + gh[H + j, b] + bf + pf * cp, clip))
+        g = ftanh(_clip(gx[2 * H + j, b] + gh[2 * H + j, b] + bg, clip))
         cn = f * cp + i * g
-        o = fsigmoid(_clip(gx[3 * H + j] + gh[3 * H + j] + bias[3 * H + j] + peep[2, j] * cn, clip))
-        c[j] = cn
-        y[j] = o * ftanh(cn)
+        o = fsigmoid(_clip(gx[3 * H + j, b] + gh[3 * H + j, b] + bo + po * cn, clip))
+        c[j, b] = cn if valid[b] else cp
+        y[j, b] = o * ftanh(cn)
 
 
 @njit(parallel=True, **FAST)
-def lstm_step(gx, gh, bias, peep, clip, input_forget, c, y, valid):
-    """One LSTM step with sigmoid/tanh/tanh, fused.
+def lstm_step_t(gx, gh, bias, peep, clip, input_forget, c, y, valid):
+    """One LSTM step with sigmoid/tanh/tanh, fused, in feature-major layout; threads split hidden units.
 
-    gx (B, 4H) input projection, gh (B, 4H) recurrent projection, bias (4H,), peep (3, H) rows
-    i,f,o (zeros when absent), c (B, H) cell state, updated for valid rows; y (B, H) receives
-    o * tanh(c) (the hidden state before any projection); valid (B,) bool.
+    gx, gh (4H, B) (gx may be a strided column block of a (4H, T*B) array), c (H, B) updated where
+    valid (B,) holds, y (H, B) receives o * tanh(c).
     """
-    for b in prange(c.shape[0]):
-        if valid[b]:
-            _lstm_row(gx[b], gh[b], bias, peep, clip, input_forget, c[b], y[b])
+    for j in prange(c.shape[0]):
+        _lstm_unit(gx, gh, bias, peep, clip, input_forget, c, y, valid, j)
 
 
 @njit(**FAST)
-def lstm_step_serial(gx, gh, bias, peep, clip, input_forget, c, y, valid):
-    """lstm_step without a parallel region: for small batches, where a thread barrier costs more than
-    the work (and far more when the machine is oversubscribed)."""
-    for b in range(c.shape[0]):
-        if valid[b]:
-            _lstm_row(gx[b], gh[b], bias, peep, clip, input_forget, c[b], y[b])
+def lstm_step_t_serial(gx, gh, bias, peep, clip, input_forget, c, y, valid):
+    """lstm_step_t without a parallel region (small batches)."""
+    for j in range(c.shape[0]):
+        _lstm_unit(gx, gh, bias, peep, clip, input_forget, c, y, valid, j)
+
+
+@njit(**FAST)
+def commit_t(src, h, out, valid):
+    """commit for feature-major state: src, h (P, B); out (B, P) row-major as the caller wants it.
+
+    Serial on purpose: it is a copy of P*B floats, and threads split over j would write neighbouring
+    elements of the same cache lines of ``out``.
+    """
+    P, B = h.shape
+    for j in range(P):
+        for b in range(B):
+            if valid[b]:
+                h[j, b] = src[j, b]
+                out[b, j] = src[j, b]
+            else:
+                out[b, j] = _ZERO
 
 
 @njit(parallel=True, cache=True, error_model="numpy")
 def lstm_step_generic(gx, gh, bias, peep, clip, input_forget, c, y, valid, codes, alphas, betas, work):
-    """lstm_step for any ONNX activations f, g, h: codes/alphas/betas (3,); work (B, 4H) scratch."""
+    """One LSTM step for any ONNX activations f, g, h, batch-major: gx, gh (B, 4H), c, y (B, H);
+    codes/alphas/betas (3,); work (B, 4H) scratch."""
     B, H = c.shape
     for b in prange(B):
         if not valid[b]:

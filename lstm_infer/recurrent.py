@@ -83,9 +83,39 @@ def zero_state(layers: list[Layer], batch: int) -> list[tuple[np.ndarray, np.nda
             for ly in layers for _ in ly.dirs]
 
 
+def run_lstm_t(ly: Layer, dw: Direction, x: np.ndarray, h: np.ndarray, c: np.ndarray,
+               valid: np.ndarray) -> np.ndarray:
+    """run_direction for a standard LSTM, in feature-major layout: the state lives as h^T (P, B), c^T (H, B).
+
+    OpenBLAS runs the per-step product 30-45% faster as W_hh (4H, P) @ h^T (P, B) than as h @ W_hh^T
+    (measured at B=32, H=512-650, 1 and 2 threads), and the gate kernel then reads the batch contiguously
+    and splits hidden units across threads.
+    """
+    T, B, I = x.shape
+    H, P = ly.hidden, ly.out
+    gx = np.matmul(dw.w_ih, x.reshape(T * B, I).T)  # (4H, T*B): step t is columns t*B .. t*B + B
+    hT, cT = np.ascontiguousarray(h.T), np.ascontiguousarray(c.T)
+    gh, y = np.empty((4 * H, B), F32), np.empty((H, B), F32)
+    yp = np.empty((P, B), F32) if dw.w_hr is not None else y
+    out = np.empty((T, B, P), F32)
+    small = B * H < SERIAL_BELOW
+    step = kernels.lstm_step_t_serial if small else kernels.lstm_step_t
+    for t in range(T - 1, -1, -1) if dw.reverse else range(T):
+        np.matmul(dw.w_hh, hT, out=gh)
+        step(gx[:, t * B:(t + 1) * B], gh, dw.bias, dw.peep, ly.clip, ly.input_forget, cT, y, valid[t])
+        if dw.w_hr is not None:
+            np.matmul(dw.w_hr, y, out=yp)
+        kernels.commit_t(yp, hT, out[t], valid[t])
+    h[...] = hT.T
+    c[...] = cT.T
+    return out
+
+
 def run_direction(ly: Layer, dw: Direction, x: np.ndarray, h: np.ndarray, c: np.ndarray | None,
                   valid: np.ndarray) -> np.ndarray:
     """x (T, B, I) -> out (T, B, P); h (B, P) and c (B, H) are updated in place."""
+    if ly.cell == "lstm" and dw.standard:
+        return run_lstm_t(ly, dw, x, h, c, valid)
     T, B, _ = x.shape
     H, P, G = ly.hidden, ly.out, CELLS[ly.cell]
     gx = np.matmul(x.reshape(T * B, -1), dw.w_ih.T).reshape(T, B, G * H)
@@ -99,17 +129,13 @@ def run_direction(ly: Layer, dw: Direction, x: np.ndarray, h: np.ndarray, c: np.
     w_hh_rz, w_hn = dw.w_hh[: 2 * H], dw.w_hh[2 * H:]
     # A parallel region per step only pays when the step has real work to split.
     small = B * H < SERIAL_BELOW
-    lstm_step = kernels.lstm_step_serial if small else kernels.lstm_step
     commit = kernels.commit_serial if small else kernels.commit
     for t in range(T - 1, -1, -1) if dw.reverse else range(T):
         v = valid[t]
         if ly.cell == "lstm":
-            np.matmul(h, dw.w_hh.T, out=gh)
-            if dw.standard:
-                lstm_step(gx[t], gh, dw.bias, dw.peep, ly.clip, ly.input_forget, c, y, v)
-            else:
-                kernels.lstm_step_generic(gx[t], gh, dw.bias, dw.peep, ly.clip, ly.input_forget, c, y, v,
-                                          dw.codes, dw.alphas, dw.betas, work)
+            np.matmul(h, dw.w_hh.T, out=gh)  # custom activations (standard ones take run_lstm_t)
+            kernels.lstm_step_generic(gx[t], gh, dw.bias, dw.peep, ly.clip, ly.input_forget, c, y, v,
+                                      dw.codes, dw.alphas, dw.betas, work)
             if dw.w_hr is not None:
                 np.matmul(y, dw.w_hr.T, out=yp)
         elif ly.cell == "gru":

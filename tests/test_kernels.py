@@ -32,11 +32,13 @@ def test_lstm_step(peep, clip, input_forget):
     p = r(3, H) if peep else np.zeros((3, H), np.float32)
     valid = np.array([True, False, True])
     ref_c, ref_y = naive.lstm_step(gx, gh, bias, p, clip, input_forget, c.astype(np.float64))
-    cc, y = c.copy(), np.zeros((B, H), np.float32)
-    kernels.lstm_step(gx, gh, bias, p, np.float32(clip or kernels.BIG), input_forget, cc, y, valid)
-    assert_close(cc[valid], ref_c[valid])
-    assert_close(y[valid], ref_y[valid])
-    assert_close(cc[1], c[1], atol=0)  # an invalid row keeps its state
+    for step in (kernels.lstm_step_t, kernels.lstm_step_t_serial):  # feature-major: (features, B)
+        cc, y = np.ascontiguousarray(c.T), np.zeros((H, B), np.float32)
+        step(np.ascontiguousarray(gx.T), np.ascontiguousarray(gh.T), bias, p, np.float32(clip or kernels.BIG),
+             input_forget, cc, y, valid)
+        assert_close(cc.T[valid], ref_c[valid])
+        assert_close(y.T[valid], ref_y[valid])
+        assert_close(cc.T[1], c[1], atol=0)  # an invalid column keeps its state
 
 
 @pytest.mark.parametrize("name", list(ACTIVATIONS))
@@ -81,11 +83,19 @@ def test_rnn_step_and_commit():
     kernels.rnn_step(gx, gh, bias, kernels.BIG, y, valid, np.array([2]), np.zeros(1, np.float32),
                      np.zeros(1, np.float32))
     assert_close(y[:2], naive.act(gx + gh + bias, "relu")[:2])
-    h, out = r(B, H), np.ones((B, H), np.float32)
-    h1 = h.copy()
-    kernels.commit(y, h, out, valid)
-    assert_close(h[:2], y[:2], atol=0) and assert_close(h[2], h1[2], atol=0)
-    assert_close(out[2], 0, atol=0) and assert_close(out[:2], y[:2], atol=0)
+    for commit, tr in ((kernels.commit, False), (kernels.commit_serial, False), (kernels.commit_t, True)):
+        h, out = r(B, H), np.ones((B, H), np.float32)
+        h1 = h.copy()
+        if tr:  # feature-major state (H, B), output still (B, H)
+            hT = np.ascontiguousarray(h.T)
+            commit(np.ascontiguousarray(y.T), hT, out, valid)
+            h = hT.T
+        else:
+            commit(y, h, out, valid)
+        assert_close(h[:2], y[:2], atol=0)
+        assert_close(h[2], h1[2], atol=0)
+        assert_close(out[2], 0, atol=0)
+        assert_close(out[:2], y[:2], atol=0)
 
 
 def test_log_softmax_and_gather():
