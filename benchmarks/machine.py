@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import platform
+import subprocess
 import time
 from importlib import metadata
 
@@ -63,7 +64,26 @@ def describe() -> dict:
     return {"cpu": model, "cores": os.cpu_count(), "caches_per_core": caches,
             "simd": sorted(f for f in flags if f.startswith(("avx512f", "avx2", "amx", "avx512_bf16"))),
             "amx": "amx_bf16" in flags, "python": platform.python_version(), "kernel": platform.release(),
-            "versions": versions, "numpy_blas": blas}
+            "versions": versions, "numpy_blas": blas, "engine_source": engine_source()}
+
+
+def engine_source() -> dict:
+    """Where lstm_infer is imported from, its git commit and whether the engine's files differ from it."""
+    try:
+        import lstm_infer
+    except ImportError:
+        return {}
+    root = os.path.dirname(os.path.dirname(os.path.abspath(lstm_infer.__file__)))
+
+    def git(*args: str) -> str:
+        try:
+            return subprocess.run(["git", *args], cwd=root, capture_output=True, text=True, timeout=10).stdout.rstrip()
+        except (OSError, subprocess.TimeoutExpired):
+            return ""
+
+    dirty = git("status", "--porcelain", "--", "lstm_infer", "converters").splitlines()
+    return {"path": root, "commit": git("rev-parse", "--short", "HEAD") or None,
+            "uncommitted": [line[3:] for line in dirty]}
 
 
 def sgemm_peak(threads: int, n: int = 4096, repeats: int = 5) -> dict:

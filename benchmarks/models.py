@@ -23,7 +23,11 @@ from pathlib import Path
 
 import numpy as np
 
-WEIGHT_SCALE = 0.6  # U(-0.6, 0.6), as tests/util.py scramble: wrong gate order or bias handling cannot hide
+# Random weights U(-s, s). Embedding and biases s = 0.6 (as tests/util.py scramble: every gate block differs);
+# LSTM matrices s = 3 / sqrt(H): with s = 0.6 a 650-unit LSTM is chaotic (float32 rounding differences grow
+# to whole nats within 128 steps, so no two correct engines agree), at 3 / sqrt(H) float32 stays within
+# ~2e-6 of float64. Head s = 6 / sqrt(H): logits spread a few nats, so greedy argmaxes are not near-ties.
+WEIGHT_SCHEME = "emb/bias U(0.6), lstm U(3/sqrt(H)), head U(6/sqrt(H))"
 BUNDLED = Path(__file__).resolve().parents[1] / "lstm_infer" / "data" / "default"
 
 
@@ -113,8 +117,17 @@ def _torch_classes():
     return RefLM, Logits, Score, Step
 
 
+def weight_scale(name: str, spec: Spec) -> float:
+    """s of U(-s, s) for one parameter (see WEIGHT_SCHEME)."""
+    if name.startswith("rnn.weight"):
+        return 3.0 / spec.hidden ** 0.5
+    if name == "decoder.weight":
+        return 6.0 / spec.hidden ** 0.5
+    return 0.6
+
+
 def torch_model(spec: Spec, state_path: Path | None = None, head_bias: bool = True):
-    """A RefLM in eval mode: random U(-0.6, 0.6) weights from ``spec.seed``, or the saved state_dict."""
+    """A RefLM in eval mode: random weights from ``spec.seed`` (see WEIGHT_SCHEME), or the saved state_dict."""
     import torch
 
     RefLM = _torch_classes()[0]
@@ -124,8 +137,8 @@ def torch_model(spec: Spec, state_path: Path | None = None, head_bias: bool = Tr
     else:
         g = torch.Generator().manual_seed(spec.seed)
         with torch.no_grad():
-            for p in lm.parameters():
-                p.copy_((torch.rand(p.shape, generator=g) * 2 - 1) * WEIGHT_SCALE)
+            for name, p in lm.named_parameters():
+                p.copy_((torch.rand(p.shape, generator=g) * 2 - 1) * weight_scale(name, spec))
     return lm.eval()
 
 
@@ -186,7 +199,7 @@ def build(spec: Spec, work: Path, log=print) -> dict:
 
     folder = work / spec.name
     stamp = folder / "built.json"
-    key = {"spec": asdict(spec), "torch": torch.__version__, "weight_scale": WEIGHT_SCALE}
+    key = {"spec": asdict(spec), "torch": torch.__version__, "weights": WEIGHT_SCHEME}
     if stamp.is_file():
         info = json.loads(stamp.read_text())
         if info.get("key") == key and (folder / "model" / "config.json").is_file():
@@ -202,11 +215,11 @@ def build(spec: Spec, work: Path, log=print) -> dict:
     return info
 
 
-def bundled_spec() -> tuple[Spec | None, str]:
-    """The bundled model as a Spec, or None and why it cannot be benchmarked against the peers."""
-    cfg_path = BUNDLED / "config.json"
+def bundled_spec(where: Path = BUNDLED) -> tuple[Spec | None, str]:
+    """The bundled model (or a stand-in directory) as a Spec, or None and why it cannot be benchmarked."""
+    cfg_path = where / "config.json"
     if not cfg_path.is_file():
-        return None, f"{BUNDLED} does not exist yet"
+        return None, f"{where} does not exist yet"
     cfg = json.loads(cfg_path.read_text())
     layers = cfg["layers"]
     plain = all(ly["cell"] == "lstm" and ly["direction"] == "forward" and not ly["proj_size"]
@@ -220,7 +233,7 @@ def bundled_spec() -> tuple[Spec | None, str]:
     return Spec("bundled", emb["vocab_size"], emb["dim"], hidden.pop(), len(layers), tokenizer=kind), ""
 
 
-def build_bundled(spec: Spec, work: Path, log=print) -> dict:
+def build_bundled(spec: Spec, work: Path, log=print, where: Path = BUNDLED) -> dict:
     """Peers for the bundled model: its tensors loaded into a RefLM (engine gate order i,f,g,o is PyTorch's)."""
     import torch
 
@@ -228,14 +241,14 @@ def build_bundled(spec: Spec, work: Path, log=print) -> dict:
 
     folder = work / spec.name
     stamp = folder / "built.json"
-    mtime = (BUNDLED / "config.json").stat().st_mtime
-    key = {"spec": asdict(spec), "torch": torch.__version__, "bundled_mtime": mtime}
+    mtime = (where / "config.json").stat().st_mtime
+    key = {"spec": asdict(spec), "torch": torch.__version__, "bundled": str(where), "bundled_mtime": mtime}
     if stamp.is_file() and json.loads(stamp.read_text()).get("key") == key:
         return json.loads(stamp.read_text())
     log(f"building peers for the bundled model in {folder}")
     shutil.rmtree(folder, ignore_errors=True)
     folder.mkdir(parents=True)
-    cfg, t, _ = read_model(BUNDLED)
+    cfg, t, _ = read_model(where)
     lm = torch_model(spec, head_bias=cfg["head"]["bias"])
     with torch.no_grad():
         lm.encoder.weight.copy_(torch.from_numpy(np.array(t["embedding"])))
@@ -250,8 +263,9 @@ def build_bundled(spec: Spec, work: Path, log=print) -> dict:
             lm.decoder.bias.copy_(torch.from_numpy(np.array(t["head.bias"])))
     torch.save(lm.state_dict(), folder / "state.pt")
     export_onnx(lm, spec, folder)
-    info = {"key": key, "spec": asdict(spec), "converted_from": "bundled model directory (as shipped)",
-            "head_bias": cfg["head"]["bias"], "model_dir": str(BUNDLED)}
+    what = "the bundled model directory (as shipped)" if where == BUNDLED else f"{where} (standing in for it)"
+    info = {"key": key, "spec": asdict(spec), "converted_from": what, "head_bias": cfg["head"]["bias"],
+            "model_dir": str(where)}
     stamp.write_text(json.dumps(info, indent=1))
     return info
 

@@ -123,6 +123,14 @@ def _table(cols: list[str], rows: list[list[str]]) -> str:
     return "\n".join(lines)
 
 
+def _source(src: dict) -> str:
+    if not src:
+        return "unknown source"
+    dirty = src.get("uncommitted") or []
+    return (f"commit {src.get('commit') or '?'} ({src['path']})"
+            + (f", with uncommitted changes to {', '.join(dirty)}" if dirty else ", clean"))
+
+
 def markdown(res: dict) -> str:
     """The whole report: machine, performance table, agreement table, CLI table, notes."""
     mc = res["machine"]
@@ -135,11 +143,13 @@ def markdown(res: dict) -> str:
         "",
         f"Command: `{res['command']}`",
         "",
+        f"- lstm-infer: {_source(mc.get('engine_source') or {})}",
         f"- CPU: {mc['cpu']}, {mc['cores']} cores; caches per core {mc['caches_per_core']}; "
         f"{', '.join(mc['simd'])}",
         "- Versions: " + ", ".join(f"{k} {val}" for k, val in v.items() if val) + f"; Python {mc['python']}; "
         f"NumPy BLAS {', '.join(mc['numpy_blas'])}",
-        f"- sgemm peak (NumPy float32 {next(iter(res['sgemm'].values()))['n']}³, best of runs): {peaks}",
+        f"- sgemm peak (NumPy float32 {next(iter(res['sgemm'].values()))['n']}³, best run at the start or the end): "
+        f"{peaks}",
         f"- Copy bandwidth (np.copyto {res['copy']['mbytes']} MB, read + write, 1 thread): "
         f"{res['copy']['gbs_best']:.1f} GB/s",
         f"- Medians of {st['runs']} runs after {st['warmup']} warm-up run(s); engines interleaved round by round, "
