@@ -32,10 +32,10 @@ def test_lstm_step(peep, clip, input_forget):
     p = r(3, H) if peep else np.zeros((3, H), np.float32)
     valid = np.array([True, False, True])
     ref_c, ref_y = naive.lstm_step(gx, gh, bias, p, clip, input_forget, c.astype(np.float64))
-    for step in (kernels.lstm_step_t, kernels.lstm_step_t_serial):  # feature-major: (features, B)
+    for step in (kernels.lstm_step_t, kernels.lstm_step_t_serial):  # gh, c, y feature-major: (features, B)
         cc, y = np.ascontiguousarray(c.T), np.zeros((H, B), np.float32)
-        step(np.ascontiguousarray(gx.T), np.ascontiguousarray(gh.T), bias, p, np.float32(clip or kernels.BIG),
-             input_forget, cc, y, valid)
+        step(gx, np.ascontiguousarray(gh.T), bias, p, np.float32(clip or kernels.BIG),
+             input_forget, cc, y, valid, np.zeros((4 * H, B), np.float32))
         assert_close(cc.T[valid], ref_c[valid])
         assert_close(y.T[valid], ref_y[valid])
         assert_close(cc.T[1], c[1], atol=0)  # an invalid column keeps its state
