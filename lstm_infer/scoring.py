@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from .errors import LstmInferError
+from .format import CELLS
 from .textio import Piece
 
 MODES = ("sentences", "stream")
@@ -137,7 +138,7 @@ class Scorer:
         self.model, self.mode, self.batch_size, self.per_token = model, mode, batch_size, per_token
         self.tok = model.tokenizer
         self.start, self.eos = self.tok.start_id, self.tok.eos_id
-        widest = max(len(ly.dirs) * ly.hidden * {"lstm": 4, "gru": 3, "rnn": 1}[ly.cell] for ly in model.layers)
+        widest = max(len(ly.dirs) * ly.hidden * CELLS[ly.cell] for ly in model.layers)
         self.chunk_rows = max(64, CHUNK_BYTES // (4 * widest))
 
     @property
@@ -181,8 +182,7 @@ class Scorer:
         ls.words += n
         pre = [self.start] if first_of_stream and self.start is not None else []
         post = [self.eos] if p.last and self.eos is not None else []
-        if p.last and self.eos is not None:
-            ls.words += 1
+        ls.words += len(post)  # the end-of-line symbol counts as a word, as in word-level models
         if pre or post:
             ids = np.concatenate([np.array(pre, np.int64), ids, np.array(post, np.int64)])
             oov = np.concatenate([np.zeros(len(pre), np.bool_), oov, np.zeros(len(post), np.bool_)])
