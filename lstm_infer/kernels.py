@@ -87,58 +87,92 @@ def act_inplace(v, code, alpha, beta):
             v[j] = max(x, _ZERO) + np.log1p(np.exp(-abs(x)))
 
 
-UNIT_BLOCK = 16  # hidden units per block: 16 floats of a gx row are one cache line
-
-
-@njit(inline="always", **FAST)
-def _lstm_block(gx, gh, bias, peep, clip, input_forget, c, y, valid, buf, j0):
-    """Hidden units j0 .. j0 + UNIT_BLOCK of lstm_step_t, for every batch column.
-
-    This block's slice of gx (B, 4H) is first copied into buf (4H, B), so that the gate math below runs
-    along contiguous b (a strided gather there made the kernel 5x slower).
-    """
-    H, B = c.shape
-    j1 = min(j0 + UNIT_BLOCK, H)
-    for g in range(4):
-        for b in range(B):
-            for j in range(j0, j1):
-                buf[g * H + j, b] = gx[b, g * H + j]
-    for j in range(j0, j1):
-        bi, bf, bg, bo = bias[j], bias[H + j], bias[2 * H + j], bias[3 * H + j]
-        pi, pf, po = peep[0, j], peep[1, j], peep[2, j]
-        for b in range(B):
-            cp = c[j, b]
-            i = fsigmoid(_clip(buf[j, b] + gh[j, b] + bi + pi * cp, clip))
-            if input_forget:
-                f = _ONE - i
-            else:
-                f = fsigmoid(_clip(buf[H + j, b] + gh[H + j, b] + bf + pf * cp, clip))
-            g = ftanh(_clip(buf[2 * H + j, b] + gh[2 * H + j, b] + bg, clip))
-            cn = f * cp + i * g
-            o = fsigmoid(_clip(buf[3 * H + j, b] + gh[3 * H + j, b] + bo + po * cn, clip))
-            c[j, b] = cn if valid[b] else cp
-            y[j, b] = o * ftanh(cn)
+UNIT_BLOCK = 16  # hidden units per block of a step's gate kernel
 
 
 @njit(parallel=True, **FAST)
-def lstm_step_t(gx, gh, bias, peep, clip, input_forget, c, y, valid, buf):
-    """One LSTM step with sigmoid/tanh/tanh, fused, with a feature-major state; threads split hidden units.
+def gather_steps(gxa, bias, out):
+    """out[t, g, b] = gxa[g, t * B + b] + bias[g]: gxa (G, n*B), bias (G,) -> out (n, G, B).
 
-    gx (B, 4H) this step's input projection (batch-major: one contiguous block per step), gh (4H, B)
-    recurrent projection, c (H, B) updated where valid (B,) holds, y (H, B) receives o * tanh(c);
-    buf (4H, B) scratch.
+    The input projection comes out of one GEMM as (G, n*B); each step's gate kernel wants its own
+    (G, B) block contiguous, read front to back. Reading a step's slice of the (G, n*B) array in place
+    (rows n*B*4 bytes apart) made the gate kernel 5-7x slower; this copy reads rows sequentially.
     """
+    n, G, B = out.shape
+    for g in prange(G):
+        bg = bias[g]
+        for t in range(n):
+            src, dst = gxa[g, t * B:(t + 1) * B], out[t, g]
+            for b in range(B):
+                dst[b] = src[b] + bg
+
+
+@njit(inline="always", **FAST)
+def _flat_block(gx, gh, clip, input_forget, c, y, j0, j1):
+    """Hidden units j0 .. j1 of lstm_step_flat: each gate's rows j0 .. j1 are one contiguous run."""
+    H, B = c.shape
+    n = (j1 - j0) * B
+    cf, yf = c[j0:j1].reshape(n), y[j0:j1].reshape(n)
+    xi, xf = gx[j0:j1].reshape(n), gx[H + j0:H + j1].reshape(n)
+    xg, xo = gx[2 * H + j0:2 * H + j1].reshape(n), gx[3 * H + j0:3 * H + j1].reshape(n)
+    hi, hf = gh[j0:j1].reshape(n), gh[H + j0:H + j1].reshape(n)
+    hg, ho = gh[2 * H + j0:2 * H + j1].reshape(n), gh[3 * H + j0:3 * H + j1].reshape(n)
+    for q in range(n):
+        i = fsigmoid(_clip(xi[q] + hi[q], clip))
+        f = _ONE - i if input_forget else fsigmoid(_clip(xf[q] + hf[q], clip))
+        cn = f * cf[q] + i * ftanh(_clip(xg[q] + hg[q], clip))
+        cf[q] = cn
+        yf[q] = fsigmoid(_clip(xo[q] + ho[q], clip)) * ftanh(cn)
+
+
+@njit(inline="always", **FAST)
+def _rows_block(gx, gh, peep, clip, input_forget, c, y, valid, j0, j1):
+    """Hidden units j0 .. j1 of lstm_step_rows, one unit (row) at a time, with peepholes and the mask."""
+    H, B = c.shape
+    for j in range(j0, j1):
+        pi, pf, po = peep[0, j], peep[1, j], peep[2, j]
+        xi, xf, xg, xo = gx[j], gx[H + j], gx[2 * H + j], gx[3 * H + j]
+        hi, hf, hg, ho = gh[j], gh[H + j], gh[2 * H + j], gh[3 * H + j]
+        cj, yj = c[j], y[j]
+        for b in range(B):
+            cp = cj[b]
+            i = fsigmoid(_clip(xi[b] + hi[b] + pi * cp, clip))
+            f = _ONE - i if input_forget else fsigmoid(_clip(xf[b] + hf[b] + pf * cp, clip))
+            cn = f * cp + i * ftanh(_clip(xg[b] + hg[b], clip))
+            cj[b] = cn if valid[b] else cp
+            yj[b] = fsigmoid(_clip(xo[b] + ho[b] + po * cn, clip)) * ftanh(cn)
+
+
+# One LSTM step with sigmoid/tanh/tanh, feature-major: gx (4H, B) this step's input projection with the
+# bias already added, gh (4H, B) the recurrent projection, c (H, B) updated in place, y (H, B) receives
+# o * tanh(c). Threads split blocks of hidden units. "flat" runs when the step has no peepholes and every
+# row is valid: each block is then four contiguous runs and vectorises even at B = 1; "rows" handles
+# peepholes and the valid (B,) mask (a row past its length keeps its c).
+
+@njit(parallel=True, **FAST)
+def lstm_step_flat(gx, gh, clip, input_forget, c, y):
     H = c.shape[0]
     for k in prange((H + UNIT_BLOCK - 1) // UNIT_BLOCK):
-        _lstm_block(gx, gh, bias, peep, clip, input_forget, c, y, valid, buf, k * UNIT_BLOCK)
+        j0 = k * UNIT_BLOCK
+        _flat_block(gx, gh, clip, input_forget, c, y, j0, min(j0 + UNIT_BLOCK, H))
 
 
 @njit(**FAST)
-def lstm_step_t_serial(gx, gh, bias, peep, clip, input_forget, c, y, valid, buf):
-    """lstm_step_t without a parallel region (small batches)."""
+def lstm_step_flat_serial(gx, gh, clip, input_forget, c, y):
+    _flat_block(gx, gh, clip, input_forget, c, y, 0, c.shape[0])
+
+
+@njit(parallel=True, **FAST)
+def lstm_step_rows(gx, gh, peep, clip, input_forget, c, y, valid):
     H = c.shape[0]
-    for k in range((H + UNIT_BLOCK - 1) // UNIT_BLOCK):
-        _lstm_block(gx, gh, bias, peep, clip, input_forget, c, y, valid, buf, k * UNIT_BLOCK)
+    for k in prange((H + UNIT_BLOCK - 1) // UNIT_BLOCK):
+        j0 = k * UNIT_BLOCK
+        _rows_block(gx, gh, peep, clip, input_forget, c, y, valid, j0, min(j0 + UNIT_BLOCK, H))
+
+
+@njit(**FAST)
+def lstm_step_rows_serial(gx, gh, peep, clip, input_forget, c, y, valid):
+    _rows_block(gx, gh, peep, clip, input_forget, c, y, valid, 0, c.shape[0])
 
 
 @njit(**FAST)

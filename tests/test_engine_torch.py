@@ -8,6 +8,7 @@ import pytest
 torch = pytest.importorskip("torch")
 from torch import nn  # noqa: E402
 
+from lstm_infer import recurrent  # noqa: E402
 from tests.util import assert_close, engine_from_torch, np_state, scramble  # noqa: E402
 
 CASES = [
@@ -64,7 +65,11 @@ def test_matches_torch(cell, kw, tmp_path):
 
 @pytest.mark.parametrize("cell,kw", [CASES[2], CASES[4], CASES[7], CASES[9]],
                          ids=["lstm-bi", "lstmp-bi", "gru-bi", "rnn-bi"])
-def test_ragged_batch_equals_packed_sequence(cell, kw, tmp_path):
+@pytest.mark.parametrize("chunked", [False, True], ids=["one-chunk", "chunks-of-2-steps"])
+def test_ragged_batch_equals_packed_sequence(cell, kw, chunked, tmp_path, monkeypatch):
+    if chunked:  # the LSTM's input projection in chunks of 2 steps (7 steps: a short last chunk, both directions)
+        monkeypatch.setattr(recurrent, "STEP_CHUNK", 2)
+        monkeypatch.setattr(recurrent, "STEP_CHUNK_ROWS", 1)
     rng = np.random.default_rng(1)
     rnn = make(cell, kw, seed=2)
     model = engine_from_torch(rnn, cell, tmp_path)

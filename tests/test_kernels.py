@@ -26,19 +26,47 @@ def test_rational_tanh_and_sigmoid_accuracy():
     assert np.max(np.abs(s - 1 / (1 + np.exp(-x[::50].astype(np.float64))))) < 1e-6
 
 
-@pytest.mark.parametrize("peep,clip,input_forget", [(False, None, False), (True, 0.7, False), (True, None, True)])
+@pytest.mark.parametrize("peep,clip,input_forget", [(False, None, False), (True, 0.7, False), (True, None, True),
+                                                     (False, 0.7, True)])
 def test_lstm_step(peep, clip, input_forget):
     gx, gh, bias, c = r(B, 4 * H), r(B, 4 * H), r(4 * H), r(B, H)
     p = r(3, H) if peep else np.zeros((3, H), np.float32)
-    valid = np.array([True, False, True])
     ref_c, ref_y = naive.lstm_step(gx, gh, bias, p, clip, input_forget, c.astype(np.float64))
-    for step in (kernels.lstm_step_t, kernels.lstm_step_t_serial):  # gh, c, y feature-major: (features, B)
+    gxT, ghT, clip32 = np.ascontiguousarray((gx + bias).T), np.ascontiguousarray(gh.T), np.float32(clip or kernels.BIG)
+    valid = np.array([True, False, True])
+    for step in (kernels.lstm_step_rows, kernels.lstm_step_rows_serial):  # gx, gh, c, y feature-major: (features, B)
         cc, y = np.ascontiguousarray(c.T), np.zeros((H, B), np.float32)
-        step(gx, np.ascontiguousarray(gh.T), bias, p, np.float32(clip or kernels.BIG),
-             input_forget, cc, y, valid, np.zeros((4 * H, B), np.float32))
+        step(gxT, ghT, p, clip32, input_forget, cc, y, valid)
         assert_close(cc.T[valid], ref_c[valid])
         assert_close(y.T[valid], ref_y[valid])
         assert_close(cc.T[1], c[1], atol=0)  # an invalid column keeps its state
+    if not peep:  # the flat kernels serve steps without peepholes where every row is valid
+        for step in (kernels.lstm_step_flat, kernels.lstm_step_flat_serial):
+            cc, y = np.ascontiguousarray(c.T), np.zeros((H, B), np.float32)
+            step(gxT, ghT, clip32, input_forget, cc, y)
+            assert_close(cc.T, ref_c)
+            assert_close(y.T, ref_y)
+
+
+def test_lstm_step_flat_many_blocks():
+    """More hidden units than one block, and a ragged last block: every unit lands where it belongs."""
+    h, b = 2 * kernels.UNIT_BLOCK + 5, 2
+    gx, gh, c = r(b, 4 * h), r(b, 4 * h), r(b, h)
+    ref_c, ref_y = naive.lstm_step(gx, gh, np.zeros(4 * h, np.float32), np.zeros((3, h), np.float32), None, False,
+                                   c.astype(np.float64))
+    cc, y = np.ascontiguousarray(c.T), np.zeros((h, b), np.float32)
+    kernels.lstm_step_flat(np.ascontiguousarray(gx.T), np.ascontiguousarray(gh.T), kernels.BIG, False, cc, y)
+    assert_close(cc.T, ref_c)
+    assert_close(y.T, ref_y)
+
+
+def test_gather_steps():
+    n, g, b = 3, 5, 4
+    gxa, bias = r(g, n * b), r(g)
+    out = np.zeros((n, g, b), np.float32)
+    kernels.gather_steps(gxa, bias, out)
+    ref = (gxa.astype(np.float64) + bias[:, None]).reshape(g, n, b).transpose(1, 0, 2)
+    assert_close(out, ref)
 
 
 @pytest.mark.parametrize("name", list(ACTIVATIONS))

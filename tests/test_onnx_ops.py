@@ -13,7 +13,7 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from converters.onnx import load_onnx
-from lstm_infer import LstmInferError, load
+from lstm_infer import LstmInferError, load, recurrent
 from lstm_infer import format as fmt
 from tests.util import assert_close
 
@@ -131,6 +131,16 @@ def test_lstm_options(case, tmp_path):
     assert layer["peepholes"] == case.get("peep", False)
     assert layer["input_forget"] == bool(case.get("attrs", {}).get("input_forget", 0))
     assert eng.config["provenance"].get("sequence_lens") == ("lens" if lens else None)
+
+
+def test_lstm_peepholes_clip_ragged_in_chunks(tmp_path, monkeypatch):
+    """Peepholes, clip and ragged rows (the "rows" gate kernel) with the input projection in 2-step chunks."""
+    monkeypatch.setattr(recurrent, "STEP_CHUNK", 2)
+    monkeypatch.setattr(recurrent, "STEP_CHUNK_ROWS", 1)
+    case = dict(LSTM_CASES[2])
+    lens = case.pop("lens")
+    model, _ = node_model("LSTM", lens=True, **case)
+    check(model, tmp_path, "LSTM", lens=lens)
 
 
 @pytest.mark.parametrize("lbr", [0, 1])
