@@ -81,6 +81,9 @@ class Model:
         if threads is not None and (not isinstance(threads, int) or threads < 1):
             raise LstmInferError(f"threads must be a positive integer, got {threads!r}")
         self.threads = min(threads or limit, limit)
+        # Plain ndarray views of the mapped files, still zero-copy: every view of an np.memmap (a .T per
+        # step) runs memmap.__array_finalize__ in Python, ~3 us each, which batch-1 steps notice.
+        tensors = {k: v.view(np.ndarray) for k, v in tensors.items()}
         self.layers = recurrent.build_layers(config, tensors)
         self.embedding = tensors.get("embedding")
         hc = config["head"]

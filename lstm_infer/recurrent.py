@@ -110,7 +110,12 @@ def run_lstm_t(ly: Layer, dw: Direction, x: np.ndarray, h: np.ndarray, c: np.nda
     for t0 in reversed(starts) if dw.reverse else starts:
         t1 = min(t0 + chunk, T)
         n = t1 - t0
-        kernels.gather_steps(np.matmul(dw.w_ih, x[t0:t1].reshape(n * B, I).T), dw.bias, gxs[:n])
+        if B == 1:  # (n, 4H, 1) is the GEMM's own (n, 4H) layout
+            g2 = gxs[:n].reshape(n, 4 * H)
+            np.matmul(x[t0:t1].reshape(n, I), dw.w_ih.T, out=g2)
+            g2 += dw.bias
+        else:
+            kernels.gather_steps(np.matmul(dw.w_ih, x[t0:t1].reshape(n * B, I).T), dw.bias, gxs[:n])
         for t in range(t1 - 1, t0 - 1, -1) if dw.reverse else range(t0, t1):
             if B == 1:  # vector-matrix: OpenBLAS's h @ W_hh^T form is the faster one here (measured)
                 np.matmul(hT.T, dw.w_hh.T, out=gh.T)
