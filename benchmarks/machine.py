@@ -57,7 +57,8 @@ def describe() -> dict:
     try:
         from threadpoolctl import threadpool_info
 
-        blas = sorted({f"{p.get('internal_api')} {p.get('version')}" for p in threadpool_info()
+        blas = sorted({f"{p.get('internal_api')} {p.get('version')} ({p.get('architecture')} kernels)"
+                       for p in threadpool_info()
                        if p.get("user_api") == "blas"})
     except ImportError:
         pass

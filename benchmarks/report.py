@@ -147,7 +147,9 @@ def markdown(res: dict) -> str:
         f"- CPU: {mc['cpu']}, {mc['cores']} cores; caches per core {mc['caches_per_core']}; "
         f"{', '.join(mc['simd'])}",
         "- Versions: " + ", ".join(f"{k} {val}" for k, val in v.items() if val) + f"; Python {mc['python']}; "
-        f"NumPy BLAS {', '.join(mc['numpy_blas'])}",
+        f"NumPy BLAS {', '.join(mc['numpy_blas'])}"
+        + (f" (removed for the run: {', '.join(f'{k}={v}' for k, v in mc['dropped_env'].items())})"
+           if mc.get("dropped_env") else ""),
         f"- sgemm peak (NumPy float32 {next(iter(res['sgemm'].values()))['n']}³, best run at the start or the end): "
         f"{peaks}",
         f"- Copy bandwidth (np.copyto {res['copy']['mbytes']} MB, read + write, 1 thread): "

@@ -19,7 +19,18 @@ import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
+# Some machines pin OpenBLAS to an older core type (OPENBLAS_CORETYPE=Haswell: AVX2 kernels on AVX-512
+# CPUs) as a guard for old OpenBLAS builds; that halves NumPy's sgemm, and with it lstm-infer's GEMMs and the
+# measured peak, while the peers bring their own BLAS. The run drops both variables before NumPy loads, in
+# this process and so in every worker, and the report records the kernel OpenBLAS then chose
+# (--keep-openblas-env keeps them).
+OPENBLAS_PINS = ("OPENBLAS_CORETYPE", "OPENBLAS_L2_SIZE")
+if "--keep-openblas-env" not in sys.argv:
+    DROPPED_PINS = {k: os.environ.pop(k) for k in OPENBLAS_PINS if k in os.environ}
+else:
+    DROPPED_PINS = {}
+
+import numpy as np  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
@@ -268,6 +279,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--work", default=str(HERE / "work"), help="cache of built models and worker logs")
     ap.add_argument("--out", default=str(HERE / "results"), help="where the markdown + JSON go")
     ap.add_argument("--name", default=None, help="file name stem of the results (default: date and time)")
+    ap.add_argument("--keep-openblas-env", action="store_true",
+                    help=f"keep {' and '.join(OPENBLAS_PINS)} (dropped by default: they pin an older OpenBLAS kernel)")
     args = ap.parse_args(argv)
     q = args.quick
     args.models = [m for m in args.models.split(",") if m]
@@ -299,8 +312,8 @@ def main(argv: list[str] | None = None) -> int:
     t_start = time.perf_counter()
     res: dict = {"date": time.strftime("%Y-%m-%d %H:%M"), "command": shlex.join(["python", "benchmarks/run.py",
                                                                                  *(argv or sys.argv[1:])]),
-                 "machine": machine.describe(), "models": {}, "skipped": {}, "timings": [], "failures": [],
-                 "agreement": [], "engine_info": [], "cli": [], "notes": []}
+                 "machine": {**machine.describe(), "dropped_env": DROPPED_PINS}, "models": {}, "skipped": {},
+                 "timings": [], "failures": [], "agreement": [], "engine_info": [], "cli": [], "notes": []}
     regimes = {"batched": {"B": 32, "T": 128, "seed": 1234}, "stream": {"B": 1, "T": 512, "seed": 4321},
                "greedy": {"tokens": args.greedy_tokens}, "beam": {"beam": 5, "steps": args.beam_steps}}
     res["settings"] = {"runs": args.runs, "warmup": args.warmup, "threads": args.threads, "engines": args.engines,

@@ -16,6 +16,7 @@ from . import head, recurrent
 from .errors import LstmInferError
 from .format import read_model
 from .tokenizer import Tokenizer
+from .workers import Workers
 
 F32 = np.float32
 DEFAULT_MODEL = Path(__file__).parent / "data" / "default"
@@ -81,6 +82,7 @@ class Model:
         if threads is not None and (not isinstance(threads, int) or threads < 1):
             raise LstmInferError(f"threads must be a positive integer, got {threads!r}")
         self.threads = min(threads or limit, limit)
+        self.workers = Workers(self.threads)
         # Plain ndarray views of the mapped files, still zero-copy: every view of an np.memmap (a .T per
         # step) runs memmap.__array_finalize__ in Python, ~3 us each, which batch-1 steps notice.
         tensors = {k: v.view(np.ndarray) for k, v in tensors.items()}
@@ -96,9 +98,10 @@ class Model:
     # ------------------------------------------------------------------ helpers
     @contextlib.contextmanager
     def _threads(self):
-        """Numba (per calling thread) and BLAS (process-wide, see _BlasLimit) get ``threads``: never oversubscribed."""
+        """Numba (per calling thread) gets ``threads``; BLAS (process-wide, see _BlasLimit) one thread, since
+        self.workers split the GEMMs (workers.py says why): never oversubscribed."""
         numba.set_num_threads(self.threads)
-        with _BLAS(self.threads), (_WORKQUEUE if _unsafe_layer() else contextlib.nullcontext()):
+        with _BLAS(1), (_WORKQUEUE if _unsafe_layer() else contextlib.nullcontext()):
             yield
 
     @property
@@ -168,7 +171,7 @@ class Model:
         if T == 0 or B == 0:  # nothing to run; the kernels' reshape(-1) cannot size an empty batch
             return np.zeros((T, B, self.layers[-1].output_size), F32), st
         with self._threads():
-            out = recurrent.run_stack(self.layers, x, st, valid)
+            out = recurrent.run_stack(self.layers, x, st, valid, self.workers)
         return out, st
 
     def _embed(self, ids: np.ndarray) -> np.ndarray:
@@ -196,7 +199,7 @@ class Model:
         feats, st = self._forward(self._embed(ids), state, lengths)
         T, B = ids.shape
         with self._threads():
-            out = head.logits(feats.reshape(T * B, feats.shape[2]), self.head_w, self.head_b)
+            out = head.logits(feats.reshape(T * B, feats.shape[2]), self.head_w, self.head_b, self.workers)
         return out.reshape(T, B, out.shape[1]), self._state_out(st)
 
     def log_probs(self, ids: Any, state: State | None = None, lengths: Any = None) -> tuple[np.ndarray, State]:
@@ -206,7 +209,7 @@ class Model:
         feats, st = self._forward(self._embed(ids), state, lengths)
         T, B = ids.shape
         with self._threads():
-            out = head.log_probs(feats.reshape(T * B, feats.shape[2]), self.head_w, self.head_b)
+            out = head.log_probs(feats.reshape(T * B, feats.shape[2]), self.head_w, self.head_b, self.workers)
         return out.reshape(T, B, out.shape[1]), self._state_out(st)
 
     def step(self, ids: Any, state: State | None = None) -> tuple[np.ndarray, State]:
@@ -228,7 +231,8 @@ class Model:
         T, B = ids.shape
         feats, st = self._forward(self._embed(ids), state, lengths)
         with self._threads():
-            lp = head.target_log_probs(feats.reshape(T * B, feats.shape[2]), self.head_w, self.head_b, tg.reshape(-1))
+            lp = head.target_log_probs(feats.reshape(T * B, feats.shape[2]), self.head_w, self.head_b,
+                                       tg.reshape(-1), self.workers)
         lp = lp.reshape(T, B)
         if lengths is not None:
             lp[~self._valid(T, B, lengths)] = 0.0

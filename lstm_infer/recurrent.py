@@ -12,8 +12,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from . import kernels
+from . import fused, kernels
 from .format import ACTIVATIONS, CELLS, DEFAULT_ACTIVATIONS, DIRECTIONS
+from .workers import Workers
 
 F32 = np.float32
 SERIAL_BELOW = 8192  # B * H under which per-step kernels run on one thread
@@ -85,13 +86,71 @@ def zero_state(layers: list[Layer], batch: int) -> list[tuple[np.ndarray, np.nda
 
 
 def run_lstm_t(ly: Layer, dw: Direction, x: np.ndarray, h: np.ndarray, c: np.ndarray,
-               valid: np.ndarray) -> np.ndarray:
-    """run_direction for a standard LSTM, in feature-major layout: the state lives as h^T (P, B), c^T (H, B).
+               valid: np.ndarray, wk: Workers) -> np.ndarray:
+    """run_direction for a standard LSTM: fused steps (fused.py) on a step-major input projection.
+
+    The input projection runs a chunk of steps at a time, as one GEMM whose output gather_steps lays out
+    step-major (n, 4H, B) with the bias added: memory stays bounded and each step's block is fresh in cache.
+    A layer with a projection (w_hr) takes the per-step BLAS path, run_lstm_proj.
+    """
+    if dw.w_hr is not None:
+        return run_lstm_proj(ly, dw, x, h, c, valid, wk)
+    T, B, I = x.shape
+    H = ly.hidden
+    panel, N = fused.layout(B, H)
+    chunk = min(T, max(STEP_CHUNK, -(-STEP_CHUNK_ROWS // B)))
+    gxs = np.zeros((chunk, 4 * H, N), F32)  # zeros: padding columns must stay finite
+    if not panel:  # dot layout: h batch-major
+        hbuf = np.empty((2, B, H), F32)
+        hbuf[0] = h
+    else:  # panel layout: h^T, padded
+        hbuf = np.zeros((2, H, N), F32)
+        hbuf[0, :, :B] = h.T
+    cT = np.zeros((H, N), F32)
+    cT[:, :B] = c.T
+    acc = np.empty((4, H, N), F32)
+    out = np.empty((T, B, H), F32)
+    if panel:
+        steps = fused.lstm_steps_panel
+    else:
+        # a batch-1 step still reads all of W_hh: two cores stream it faster than one
+        steps = fused.lstm_steps_dot_serial if B * H * H < 1 << 16 else fused.lstm_steps_dot
+    peep = bool(dw.peep.any())
+    starts = range(0, T, chunk)
+    for t0 in reversed(starts) if dw.reverse else starts:
+        t1 = min(t0 + chunk, T)
+        n = t1 - t0
+        _input_projection(dw, x[t0:t1], gxs[:n], wk)
+        steps(gxs[:n], dw.w_hh, dw.peep, peep, ly.clip, ly.input_forget, valid[t0:t1], dw.reverse,
+              hbuf, cT, out[t0:t1], acc, fused.unit_block(N, H))
+        if n % 2:  # the final h of the chunk is in hbuf[1]
+            hbuf[0] = hbuf[1]
+    h[...] = hbuf[0, :, :B].T if panel else hbuf[0]
+    c[...] = cT[:, :B].T
+    return out
+
+
+def _input_projection(dw: Direction, x: np.ndarray, gxs: np.ndarray, wk: Workers) -> None:
+    """gxs (n, G, N) = W_ih x[t] + bias for x (n, B, I), N >= B; the workers split the steps."""
+    n, B, I = x.shape
+    if B == 1:  # (n, G, 1) is the GEMM's own (n, G) layout
+        g2 = gxs.reshape(n, -1)
+        wk.matmul(x.reshape(n, I), dw.w_ih.T, out=g2)
+        g2 += dw.bias
+        return
+
+    def part(s: int, e: int) -> None:
+        kernels.gather_steps_serial(np.matmul(dw.w_ih, x[s:e].reshape((e - s) * B, I).T), dw.bias, gxs[s:e])
+
+    wk.split(part, n)
+
+
+def run_lstm_proj(ly: Layer, dw: Direction, x: np.ndarray, h: np.ndarray, c: np.ndarray,
+                  valid: np.ndarray, wk: Workers) -> np.ndarray:
+    """A standard LSTM with a projection, in feature-major layout: the state lives as h^T (P, B), c^T (H, B).
 
     OpenBLAS runs the per-step product 30-45% faster as W_hh (4H, P) @ h^T (P, B) than as h @ W_hh^T
     (measured at B=32, H=512-650, 1 and 2 threads); the gate kernel splits hidden units across threads.
-    The input projection runs a chunk of steps at a time, as one GEMM whose output gather_steps lays out
-    step-major (n, 4H, B) with the bias added: memory stays bounded and each step's block is fresh in cache.
     """
     T, B, I = x.shape
     H, P = ly.hidden, ly.out
@@ -99,7 +158,7 @@ def run_lstm_t(ly: Layer, dw: Direction, x: np.ndarray, h: np.ndarray, c: np.nda
     gxs = np.empty((chunk, 4 * H, B), F32)
     hT, cT = np.ascontiguousarray(h.T), np.ascontiguousarray(c.T)
     gh, y = np.empty((4 * H, B), F32), np.empty((H, B), F32)
-    yp = np.empty((P, B), F32) if dw.w_hr is not None else y
+    yp = np.empty((P, B), F32)
     out = np.empty((T, B, P), F32)
     serial = B * H < SERIAL_BELOW
     flat = kernels.lstm_step_flat_serial if serial else kernels.lstm_step_flat
@@ -110,23 +169,17 @@ def run_lstm_t(ly: Layer, dw: Direction, x: np.ndarray, h: np.ndarray, c: np.nda
     for t0 in reversed(starts) if dw.reverse else starts:
         t1 = min(t0 + chunk, T)
         n = t1 - t0
-        if B == 1:  # (n, 4H, 1) is the GEMM's own (n, 4H) layout
-            g2 = gxs[:n].reshape(n, 4 * H)
-            np.matmul(x[t0:t1].reshape(n, I), dw.w_ih.T, out=g2)
-            g2 += dw.bias
-        else:
-            kernels.gather_steps(np.matmul(dw.w_ih, x[t0:t1].reshape(n * B, I).T), dw.bias, gxs[:n])
+        _input_projection(dw, x[t0:t1], gxs[:n], wk)
         for t in range(t1 - 1, t0 - 1, -1) if dw.reverse else range(t0, t1):
             if B == 1:  # vector-matrix: OpenBLAS's h @ W_hh^T form is the faster one here (measured)
-                np.matmul(hT.T, dw.w_hh.T, out=gh.T)
+                wk.matmul(hT.T, dw.w_hh.T, out=gh.T)
             else:
-                np.matmul(dw.w_hh, hT, out=gh)
+                wk.matmul(dw.w_hh, hT, out=gh)
             if plain and full[t]:
                 flat(gxs[t - t0], gh, ly.clip, ly.input_forget, cT, y)
             else:
                 rows(gxs[t - t0], gh, dw.peep, ly.clip, ly.input_forget, cT, y, valid[t])
-            if dw.w_hr is not None:
-                np.matmul(dw.w_hr, y, out=yp)
+            wk.matmul(dw.w_hr, y, out=yp)
             kernels.commit_t(yp, hT, out[t], valid[t])
     h[...] = hT.T
     c[...] = cT.T
@@ -134,13 +187,13 @@ def run_lstm_t(ly: Layer, dw: Direction, x: np.ndarray, h: np.ndarray, c: np.nda
 
 
 def run_direction(ly: Layer, dw: Direction, x: np.ndarray, h: np.ndarray, c: np.ndarray | None,
-                  valid: np.ndarray) -> np.ndarray:
+                  valid: np.ndarray, wk: Workers) -> np.ndarray:
     """x (T, B, I) -> out (T, B, P); h (B, P) and c (B, H) are updated in place."""
     if ly.cell == "lstm" and dw.standard:
-        return run_lstm_t(ly, dw, x, h, c, valid)
+        return run_lstm_t(ly, dw, x, h, c, valid, wk)
     T, B, _ = x.shape
     H, P, G = ly.hidden, ly.out, CELLS[ly.cell]
-    gx = np.matmul(x.reshape(T * B, -1), dw.w_ih.T).reshape(T, B, G * H)
+    gx = wk.matmul(x.reshape(T * B, -1), dw.w_ih.T).reshape(T, B, G * H)
     out = np.empty((T, B, P), F32)
     gh = np.empty((B, G * H), F32)
     y = np.empty((B, H), F32)
@@ -155,31 +208,31 @@ def run_direction(ly: Layer, dw: Direction, x: np.ndarray, h: np.ndarray, c: np.
     for t in range(T - 1, -1, -1) if dw.reverse else range(T):
         v = valid[t]
         if ly.cell == "lstm":
-            np.matmul(h, dw.w_hh.T, out=gh)  # custom activations (standard ones take run_lstm_t)
+            wk.matmul(h, dw.w_hh.T, out=gh)  # custom activations (standard ones take run_lstm_t)
             kernels.lstm_step_generic(gx[t], gh, dw.bias, dw.peep, ly.clip, ly.input_forget, c, y, v,
                                       dw.codes, dw.alphas, dw.betas, work)
             if dw.w_hr is not None:
-                np.matmul(y, dw.w_hr.T, out=yp)
+                wk.matmul(y, dw.w_hr.T, out=yp)
         elif ly.cell == "gru":
             if ly.lbr:
-                np.matmul(h, dw.w_hh.T, out=gh)
+                wk.matmul(h, dw.w_hh.T, out=gh)
                 kernels.gru_gates(gx[t], gh, dw.bias, ly.clip, h, rz, rh, v, dw.codes, dw.alphas, dw.betas)
                 ghn = gh[:, 2 * H:]
             else:
-                np.matmul(h, w_hh_rz.T, out=gh[:, : 2 * H])
+                wk.matmul(h, w_hh_rz.T, out=gh[:, : 2 * H])
                 kernels.gru_gates(gx[t], gh, dw.bias, ly.clip, h, rz, rh, v, dw.codes, dw.alphas, dw.betas)
-                np.matmul(rh, w_hn.T, out=ghn)
+                wk.matmul(rh, w_hn.T, out=ghn)
             kernels.gru_update(gx[t], ghn, dw.b_hn, dw.bias, ly.clip, ly.lbr, h, rz, y, v,
                                dw.codes, dw.alphas, dw.betas)
         else:
-            np.matmul(h, dw.w_hh.T, out=gh)
+            wk.matmul(h, dw.w_hh.T, out=gh)
             kernels.rnn_step(gx[t], gh, dw.bias, ly.clip, y, v, dw.codes, dw.alphas, dw.betas)
         commit(yp, h, out[t], v)
     return out
 
 
-def run_stack(layers: list[Layer], x: np.ndarray, state: list, valid: np.ndarray) -> np.ndarray:
-    """x (T, B, I) through every layer; ``state`` (from zero_state) is updated in place.
+def run_stack(layers: list[Layer], x: np.ndarray, state: list, valid: np.ndarray, wk: Workers) -> np.ndarray:
+    """x (T, B, I) through every layer; ``state`` (from zero_state) is updated in place; ``wk`` runs the GEMMs.
 
     Returns the last layer's output (T, B, D * P).
     """
@@ -188,7 +241,7 @@ def run_stack(layers: list[Layer], x: np.ndarray, state: list, valid: np.ndarray
         outs = []
         for dw in ly.dirs:
             h, c = state[k]
-            outs.append(run_direction(ly, dw, x, h, c, valid))
+            outs.append(run_direction(ly, dw, x, h, c, valid, wk))
             k += 1
         x = outs[0] if len(outs) == 1 else np.concatenate(outs, axis=2)
     return x

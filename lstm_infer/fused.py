@@ -1,0 +1,227 @@
+"""Fused LSTM steps: the recurrent product and the gate update in one parallel region per step.
+
+The per-step path used to run three things: OpenBLAS's W_hh @ h (it re-packs W_hh on every call, and its
+threads spin for milliseconds after each call, taking the core that Numba's next region wants), a gate
+kernel, and a commit. Here the thread that owns a block of hidden units computes the recurrent sums of
+the block's four gate rows and applies the gates straight away; W_hh stays in the layout the model
+directory stores (gate g of unit j is row g*H + j), and nothing but the new h and c is written.
+
+Two layouts, by batch size:
+- panel (B > 8): the state is feature-major, h^T (H, Bp) with Bp = B rounded up to 16, so a step's
+  product is rows of W_hh times h^T, computed by the register-tiled IR micro-kernel in simd.py
+  (~100% of one core's sgemm peak). Padding columns hold finite junk that never mixes with real rows.
+- dot (B <= 8): h is batch-major (B, H) and each unit's four rows are dotted with four rows of h at a
+  time (_dot4x4); padding a batch of 1 to 16 columns would waste 15/16 of the arithmetic.
+
+Shapes: n steps, B batch rows, H hidden units (no projection: P = H), G = 4H.
+``tests/naive.py`` holds the NumPy twin (naive.lstm_steps); tests/test_fused.py compares them.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from numba import njit, prange
+
+from .kernels import FAST, _clip, fsigmoid, ftanh
+from .simd import LANES, rows_gemm
+
+_ZERO, _ONE = np.float32(0.0), np.float32(1.0)
+PANEL_MIN_BATCH = 9  # batches from this size take the panel layout
+
+
+@njit(inline="always", **FAST)
+def _dot4x4(w0, w1, w2, w3, x0, x1, x2, x3):
+    """The 16 dot products w_r . x_q, all (K,), as a flat tuple (r major)."""
+    s00 = s01 = s02 = s03 = s10 = s11 = s12 = s13 = _ZERO
+    s20 = s21 = s22 = s23 = s30 = s31 = s32 = s33 = _ZERO
+    for k in range(w0.shape[0]):
+        v0, v1, v2, v3 = x0[k], x1[k], x2[k], x3[k]
+        u = w0[k]
+        s00 += u * v0
+        s01 += u * v1
+        s02 += u * v2
+        s03 += u * v3
+        u = w1[k]
+        s10 += u * v0
+        s11 += u * v1
+        s12 += u * v2
+        s13 += u * v3
+        u = w2[k]
+        s20 += u * v0
+        s21 += u * v1
+        s22 += u * v2
+        s23 += u * v3
+        u = w3[k]
+        s30 += u * v0
+        s31 += u * v1
+        s32 += u * v2
+        s33 += u * v3
+    return (s00, s01, s02, s03, s10, s11, s12, s13, s20, s21, s22, s23, s30, s31, s32, s33)
+
+
+@njit(inline="always", **FAST)
+def _dot4x1(w0, w1, w2, w3, x):
+    s0 = s1 = s2 = s3 = _ZERO
+    for k in range(w0.shape[0]):
+        v = x[k]
+        s0 += w0[k] * v
+        s1 += w1[k] * v
+        s2 += w2[k] * v
+        s3 += w3[k] * v
+    return s0, s1, s2, s3
+
+
+@njit(inline="always", **FAST)
+def _gates(gx, peep, has_peep, clip, input_forget, c, acc, j0, j1):
+    """Gates of units j0 .. j1: gx (4H, N) with the bias, c (H, N), acc (4, H, N) the recurrent sums.
+
+    Leaves y = o * tanh(c') in acc[0] and c' in acc[1] (c itself is left to the caller's mask). The
+    loop runs over the whole block as four flat runs: LLVM's vectorised loop takes 64 elements a turn,
+    so a loop over one unit's 32 rows would fall through to its scalar remainder.
+    """
+    H, N = c.shape
+    n = (j1 - j0) * N
+    xi, xf = gx[j0:j1].reshape(n), gx[H + j0:H + j1].reshape(n)
+    xg, xo = gx[2 * H + j0:2 * H + j1].reshape(n), gx[3 * H + j0:3 * H + j1].reshape(n)
+    ai, af = acc[0, j0:j1].reshape(n), acc[1, j0:j1].reshape(n)
+    ag, ao = acc[2, j0:j1].reshape(n), acc[3, j0:j1].reshape(n)
+    cf = c[j0:j1].reshape(n)
+    if has_peep:  # input and forget gates see c(t-1), the output gate c(t)
+        for q in range(n):
+            u = j0 + q // N
+            cp = cf[q]
+            i = fsigmoid(_clip(xi[q] + ai[q] + peep[0, u] * cp, clip))
+            f = _ONE - i if input_forget else fsigmoid(_clip(xf[q] + af[q] + peep[1, u] * cp, clip))
+            cn = f * cp + i * ftanh(_clip(xg[q] + ag[q], clip))
+            ai[q] = fsigmoid(_clip(xo[q] + ao[q] + peep[2, u] * cn, clip)) * ftanh(cn)
+            af[q] = cn
+    else:
+        for q in range(n):
+            i = fsigmoid(_clip(xi[q] + ai[q], clip))
+            f = _ONE - i if input_forget else fsigmoid(_clip(xf[q] + af[q], clip))
+            cn = f * cf[q] + i * ftanh(_clip(xg[q] + ag[q], clip))
+            ai[q] = fsigmoid(_clip(xo[q] + ao[q], clip)) * ftanh(cn)
+            af[q] = cn
+
+
+@njit(inline="always", **FAST)
+def _dot_block(gx, w_hh, peep, has_peep, clip, input_forget, valid, hp, hn, c, out, acc, j0, j1):
+    """Dot layout, units j0 .. j1: gx (4H, B), hp, hn (B, H), c (H, B), out (B, H), acc (4, H, B)."""
+    H, B = c.shape
+    for j in range(j0, j1):
+        w0, w1, w2, w3 = w_hh[j], w_hh[H + j], w_hh[2 * H + j], w_hh[3 * H + j]
+        a0, a1, a2, a3 = acc[0, j], acc[1, j], acc[2, j], acc[3, j]
+        b0 = 0
+        while b0 + 4 <= B:
+            s = _dot4x4(w0, w1, w2, w3, hp[b0], hp[b0 + 1], hp[b0 + 2], hp[b0 + 3])
+            a0[b0], a0[b0 + 1], a0[b0 + 2], a0[b0 + 3] = s[0], s[1], s[2], s[3]
+            a1[b0], a1[b0 + 1], a1[b0 + 2], a1[b0 + 3] = s[4], s[5], s[6], s[7]
+            a2[b0], a2[b0 + 1], a2[b0 + 2], a2[b0 + 3] = s[8], s[9], s[10], s[11]
+            a3[b0], a3[b0 + 1], a3[b0 + 2], a3[b0 + 3] = s[12], s[13], s[14], s[15]
+            b0 += 4
+        for b in range(b0, B):
+            a0[b], a1[b], a2[b], a3[b] = _dot4x1(w0, w1, w2, w3, hp[b])
+    _gates(gx, peep, has_peep, clip, input_forget, c, acc, j0, j1)
+    for j in range(j0, j1):  # the mask and the strided stores of h stay out of the vectorised loop
+        yj, cnj, cj = acc[0, j], acc[1, j], c[j]
+        for b in range(B):
+            if valid[b]:  # a row past its length keeps its state and emits zeros
+                cj[b] = cnj[b]
+                hn[b, j] = yj[b]
+                out[b, j] = yj[b]
+            else:
+                hn[b, j] = hp[b, j]
+                out[b, j] = _ZERO
+
+
+@njit(inline="always", **FAST)
+def _panel_block(gx, w_hh, peep, has_peep, clip, input_forget, valid, hp, hn, c, out, acc, j0, j1):
+    """Panel layout, units j0 .. j1 (at least 8): gx (4H, Bp), hp, hn, c (H, Bp), out (B, H),
+    acc (4, H, Bp); valid (B,) covers the real rows."""
+    H = c.shape[0]
+    B = out.shape[0]
+    for g in range(4):
+        rows_gemm(w_hh, g * H + j0, g * H + j1, hp, acc[g], j0)
+    _gates(gx, peep, has_peep, clip, input_forget, c, acc, j0, j1)
+    N = c.shape[1]
+    full = True
+    for b in range(B):
+        full &= valid[b]
+    if full:  # the common case: whole rows copy, and vectorise
+        n = (j1 - j0) * N
+        c[j0:j1].reshape(n)[:] = acc[1, j0:j1].reshape(n)
+        hn[j0:j1].reshape(n)[:] = acc[0, j0:j1].reshape(n)
+    else:
+        for j in range(j0, j1):
+            yj, cnj, cj, hnj, hpj = acc[0, j], acc[1, j], c[j], hn[j], hp[j]
+            for b in range(B):  # a row past its length keeps its state and emits zeros
+                ok = valid[b]
+                cj[b] = cnj[b] if ok else cj[b]
+                hnj[b] = yj[b] if ok else hpj[b]
+    y = acc[0]
+    for b in range(B):
+        ob = out[b]
+        if valid[b]:
+            for j in range(j0, j1):
+                ob[j] = y[j, b]
+        else:
+            for j in range(j0, j1):
+                ob[j] = _ZERO
+
+
+def unit_block(B: int, H: int) -> int:
+    """Hidden units per parallel task: at least 8 (a panel tile), at most 512 / B (a task's gate loop
+    spans ~512 elements), and at most H / 8 so that a small batch still splits into tasks."""
+    return max(1, min(H, max(8, min(-(-512 // B), -(-H // 8)))))
+
+
+# The step loops. Each layout has its own: with both blocks inlined behind a branch in one prange body,
+# the panel steps ran 30% slower (193 vs 150 us per step, H=512, B=32, 2 threads).
+# Arguments: gx (n, 4H, N) input projections with the bias (kernels.gather_steps); w_hh (4H, H);
+# peep (3, H) read only when has_peep; clip float32 (BIG: none); valid (n, B) bool; reverse: run
+# t = n-1 .. 0; hbuf (2, B, H) (dot) or (2, H, N) (panel); c (H, N); out (n, B, H) receives each step's
+# h (zeros on rows past their length); acc (4, H, N) scratch; U hidden units per task (unit_block).
+# hbuf[0] holds h before the first step run and the halves alternate: the final h is in hbuf[n % 2].
+
+@njit(parallel=True, **FAST)
+def lstm_steps_panel(gx, w_hh, peep, has_peep, clip, input_forget, valid, reverse, hbuf, c, out, acc, U):
+    n = gx.shape[0]
+    H = c.shape[0]
+    for s in range(n):
+        t = n - 1 - s if reverse else s
+        hp, hn = hbuf[s % 2], hbuf[(s + 1) % 2]
+        for k in prange(-(-H // U)):
+            _panel_block(gx[t], w_hh, peep, has_peep, clip, input_forget, valid[t], hp, hn, c, out[t], acc,
+                         k * U, min(H, k * U + U))
+
+
+@njit(parallel=True, **FAST)
+def lstm_steps_dot(gx, w_hh, peep, has_peep, clip, input_forget, valid, reverse, hbuf, c, out, acc, U):
+    n = gx.shape[0]
+    H = c.shape[0]
+    for s in range(n):
+        t = n - 1 - s if reverse else s
+        hp, hn = hbuf[s % 2], hbuf[(s + 1) % 2]
+        for k in prange(-(-H // U)):
+            _dot_block(gx[t], w_hh, peep, has_peep, clip, input_forget, valid[t], hp, hn, c, out[t], acc,
+                       k * U, min(H, k * U + U))
+
+
+@njit(**FAST)
+def lstm_steps_dot_serial(gx, w_hh, peep, has_peep, clip, input_forget, valid, reverse, hbuf, c, out, acc, U):
+    """lstm_steps_dot without parallel regions, for steps too small to split."""
+    n = gx.shape[0]
+    H = c.shape[0]
+    for s in range(n):
+        t = n - 1 - s if reverse else s
+        hp, hn = hbuf[s % 2], hbuf[(s + 1) % 2]
+        for j0 in range(0, H, U):
+            _dot_block(gx[t], w_hh, peep, has_peep, clip, input_forget, valid[t], hp, hn, c, out[t], acc,
+                       j0, min(H, j0 + U))
+
+
+def layout(B: int, H: int) -> tuple[bool, int]:
+    """(panel, N): whether B rows of H units take the panel layout, and the state's columns N (B, or B
+    rounded up to 16 for the panel layout)."""
+    panel = B >= PANEL_MIN_BATCH and H >= 8
+    return panel, (-(-B // LANES) * LANES if panel else B)

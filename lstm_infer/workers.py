@@ -1,0 +1,59 @@
+"""Python worker threads for the BLAS side of a model: each runs single-threaded BLAS on its share of rows.
+
+OpenBLAS's own threads spin-wait after every multithreaded call (for up to 2**28 cycles by default), and
+Numba's parallel regions that follow find a core taken: fused LSTM steps right after a 2-thread input
+projection ran 2.3x slower than after a 1-thread one. So BLAS stays at one thread inside model calls
+(Model._threads) and work splits here instead, across threads that sleep on a queue when idle. NumPy's
+matmul and our @njit(nogil=True) kernels release the GIL, so the shares run side by side.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+
+MIN_FLOPS = 4e6  # below this a product runs on the calling thread: a hand-off costs ~20-50 us
+
+
+class Workers:
+    """``threads`` worker threads, started on first use; ``threads=1`` runs everything inline."""
+
+    def __init__(self, threads: int):
+        self.threads = threads
+        self._pool: ThreadPoolExecutor | None = None
+
+    def split(self, fn: Callable[[int, int], None], n: int, min_rows: int = 1) -> None:
+        """fn(s, e) over contiguous parts of range(n), at most one per thread and each >= min_rows long."""
+        parts = max(1, min(self.threads, n // max(min_rows, 1)))
+        if parts == 1:
+            if n:
+                fn(0, n)
+            return
+        if self._pool is None:
+            self._pool = ThreadPoolExecutor(self.threads, thread_name_prefix="lstm-infer")
+        bounds = [n * k // parts for k in range(parts + 1)]
+        futures = [self._pool.submit(fn, s, e) for s, e in zip(bounds[1:-1], bounds[2:])]
+        fn(bounds[0], bounds[1])  # the caller takes the first share
+        for f in futures:
+            f.result()
+
+    def matmul(self, a: np.ndarray, b: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
+        """a (M, K) @ b (K, N), split over the rows of the output (or its columns when M is small)."""
+        M, K = a.shape
+        N = b.shape[1]
+        if out is None:
+            out = np.empty((M, N), np.result_type(a, b))
+        if self.threads == 1 or 2.0 * M * N * K < MIN_FLOPS:
+            np.matmul(a, b, out=out)
+        elif M >= 8 * self.threads:
+            self.split(lambda s, e: np.matmul(a[s:e], b, out=out[s:e]), M)
+        else:
+            self.split(lambda s, e: np.matmul(a, b[:, s:e], out=out[:, s:e]), N, 16)
+        return out
+
+    def close(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(wait=False)
+            self._pool = None

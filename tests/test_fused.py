@@ -1,0 +1,90 @@
+"""The fused LSTM steps (lstm_infer/fused.py) and their GEMM micro-kernel (simd.py) against NumPy float64."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from numba import njit
+
+from lstm_infer import kernels, recurrent
+from lstm_infer.simd import rows_gemm
+from lstm_infer.workers import Workers
+from tests import naive
+from tests.util import assert_close
+
+rng = np.random.default_rng(7)
+
+
+def u(*shape, scale=1.0):
+    return rng.uniform(-scale, scale, shape).astype(np.float32)
+
+
+@njit(cache=True)
+def _rows_gemm(w, r0, r1, h, out, o0):
+    rows_gemm(w, r0, r1, h, out, o0)
+
+
+@pytest.mark.parametrize("K", [1, 7, 64, 513])
+@pytest.mark.parametrize("N", [16, 32, 48, 64, 80, 144])
+def test_rows_gemm(K, N):
+    """Every tile shape (1-4 vectors of columns, and a ragged column tail), rows with a re-run tail."""
+    M = 40
+    w, h = u(M, K), u(K, N)
+    ref = w.astype(np.float64) @ h
+    for r0, r1, o0 in ((0, M, 0), (3, 16, 0), (5, 34, 2), (8, 16, 30)):
+        out = np.full((M + 2, N), np.nan, np.float32)
+        _rows_gemm(w, r0, r1, h, out, o0)
+        assert_close(out[o0:o0 + r1 - r0], ref[r0:r1], atol=1e-5 * K)
+        assert np.isnan(out[:o0]).all() and np.isnan(out[o0 + r1 - r0:]).all()  # nothing outside the rows
+
+
+def reference(x, w_ih, w_hh, bias, peep, clip, input_forget, valid, reverse, h, c):
+    """The whole sequence, one naive step at a time; rows past their length keep h, c and emit zeros."""
+    T, B, _ = x.shape
+    H = w_hh.shape[1]
+    h, c = h.astype(np.float64), c.astype(np.float64)
+    out = np.zeros((T, B, H))
+    for t in (range(T - 1, -1, -1) if reverse else range(T)):
+        cn, y = naive.lstm_step(x[t] @ w_ih.T.astype(np.float64), h @ w_hh.T.astype(np.float64), bias, peep, clip,
+                                input_forget, c)
+        v = valid[t][:, None]
+        h, c = np.where(v, y, h), np.where(v, cn, c)
+        out[t] = np.where(v, y, 0)
+    return out, h, c
+
+
+CASES = [  # B, H, peepholes, clip, input_forget, ragged, reverse
+    (1, 37, False, None, False, False, False),  # dot layout, serial
+    (3, 8, True, 0.8, False, True, False),
+    (8, 37, False, None, True, False, True),
+    (9, 8, False, None, False, False, False),  # panel layout from here: 16 columns, 7 of them padding
+    (9, 37, True, None, False, True, True),
+    (17, 40, False, 0.6, False, False, False),
+    (32, 64, False, None, False, False, False),  # no padding
+    (33, 19, True, 0.9, True, True, False),
+    (70, 24, False, None, False, True, True),  # 80 columns: one 4-vector and one 1-vector tile
+    (12, 5, False, None, False, False, False),  # H < 8: the dot layout even for a wide batch
+]
+
+
+@pytest.mark.parametrize("B,H,peep,clip,input_forget,ragged,reverse", CASES)
+@pytest.mark.parametrize("threads", [1, 2])
+def test_fused_lstm_direction(B, H, peep, clip, input_forget, ragged, reverse, threads):
+    T, I = (37 if B >= 64 else 11), 6  # B = 70: steps in chunks of 16, 16 and 5 (an odd last chunk)
+    x, w_ih, w_hh, bias = u(T, B, I), u(4 * H, I, scale=0.8), u(4 * H, H, scale=1.5 / np.sqrt(H)), u(4 * H, scale=0.6)
+    p = u(3, H) if peep else np.zeros((3, H), np.float32)
+    lengths = rng.integers(0, T + 1, B) if ragged else np.full(B, T)
+    valid = np.arange(T)[:, None] < lengths[None, :]
+    h0, c0 = u(B, H), u(B, H)
+    dw = recurrent.Direction(w_ih=w_ih, w_hh=w_hh, bias=bias, b_hn=None, peep=p, w_hr=None,
+                             codes=np.array([0, 1, 1]), alphas=np.zeros(3, np.float32),
+                             betas=np.zeros(3, np.float32), standard=True, reverse=reverse)
+    ly = recurrent.Layer(cell="lstm", input_size=I, hidden=H, out=H,
+                         clip=np.float32(clip) if clip else kernels.BIG, input_forget=input_forget, lbr=False,
+                         dirs=[dw])
+    h, c = h0.copy(), c0.copy()
+    out = recurrent.run_lstm_t(ly, dw, x, h, c, valid, Workers(threads))
+    ref_out, ref_h, ref_c = reference(x, w_ih, w_hh, bias, p, clip, input_forget, valid, reverse, h0, c0)
+    assert_close(out, ref_out)
+    assert_close(h, ref_h)
+    assert_close(c, ref_c)
