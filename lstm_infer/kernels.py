@@ -120,6 +120,24 @@ def gather_steps_serial(gxa, bias, out):
         _gather_rows(gxa, bias, out, g)
 
 
+@njit(parallel=True, **FAST)
+def gather_table(table, ids, out):
+    """out[t, g, b] = table[ids[t, b], g]: table (V, G), ids (n, B) int64 -> out (n, G, >= B).
+
+    A blocked transpose: each block of 64 gate rows of out[t] stays in L1 while the batch fills it.
+    """
+    n, B = ids.shape
+    G = table.shape[1]
+    for t in prange(n):
+        ot = out[t]
+        for g0 in range(0, G, 64):
+            g1 = min(g0 + 64, G)
+            for b in range(B):
+                row = table[ids[t, b]]
+                for g in range(g0, g1):
+                    ot[g, b] = row[g]
+
+
 @njit(inline="always", **FAST)
 def _flat_block(gx, gh, clip, input_forget, c, y, j0, j1):
     """Hidden units j0 .. j1 of lstm_step_flat: each gate's rows j0 .. j1 are one contiguous run."""

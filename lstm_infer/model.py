@@ -94,6 +94,7 @@ class Model:
         tok = config["tokenizer"]
         self.tokenizer = Tokenizer.from_config(tok, vocab) if tok is not None else None
         self._uniform = len({(ly.cell, ly.out, ly.hidden) for ly in self.layers}) == 1
+        self._table: np.ndarray | None = None  # layer 0's input projection per token, built on first use
 
     # ------------------------------------------------------------------ helpers
     @contextlib.contextmanager
@@ -164,15 +165,26 @@ class Model:
             return np.stack(hs), (np.stack(cs) if cs is not None else None)
         return hs, cs
 
-    def _forward(self, x: np.ndarray, state: State | None, lengths: Any) -> tuple[np.ndarray, list]:
-        T, B = x.shape[:2]
+    def _forward(self, x: np.ndarray | None, state: State | None, lengths: Any,
+                 ids: np.ndarray | None = None) -> tuple[np.ndarray, list]:
+        """x (T, B, I), or ids (T, B) with x None when layer 0 reads the token table."""
+        T, B = (x if x is not None else ids).shape[:2]
         st = self._state_in(state, B)
         valid = self._valid(T, B, lengths)
         if T == 0 or B == 0:  # nothing to run; the kernels' reshape(-1) cannot size an empty batch
             return np.zeros((T, B, self.layers[-1].output_size), F32), st
         with self._threads():
-            out = recurrent.run_stack(self.layers, x, st, valid, self.workers)
+            tokens = None if x is not None else (ids, self._table)
+            out = recurrent.run_stack(self.layers, x, st, valid, self.workers, tokens)
         return out, st
+
+    def _forward_ids(self, ids: np.ndarray, state: State | None, lengths: Any) -> tuple[np.ndarray, list]:
+        """_forward from token ids: through the layer-0 token table where there is one."""
+        if self._table is None and recurrent.table_fits(self.layers, self.vocab_size):
+            self._table = recurrent.token_table(self.layers[0], self.embedding)
+        if self._table is not None:
+            return self._forward(None, state, lengths, ids)
+        return self._forward(self._embed(ids), state, lengths)
 
     def _embed(self, ids: np.ndarray) -> np.ndarray:
         return np.take(self.embedding, ids, axis=0)
@@ -196,7 +208,7 @@ class Model:
         """ids (T, B) -> logits (T, B, K), state."""
         self._require_lm("logits")
         ids = self._ids(ids, 2)
-        feats, st = self._forward(self._embed(ids), state, lengths)
+        feats, st = self._forward_ids(ids, state, lengths)
         T, B = ids.shape
         with self._threads():
             out = head.logits(feats.reshape(T * B, feats.shape[2]), self.head_w, self.head_b, self.workers)
@@ -206,7 +218,7 @@ class Model:
         """ids (T, B) -> log-probabilities (T, B, K), state."""
         self._require_lm("log_probs")
         ids = self._ids(ids, 2)
-        feats, st = self._forward(self._embed(ids), state, lengths)
+        feats, st = self._forward_ids(ids, state, lengths)
         T, B = ids.shape
         with self._threads():
             out = head.log_probs(feats.reshape(T * B, feats.shape[2]), self.head_w, self.head_b, self.workers)
@@ -229,7 +241,7 @@ class Model:
         if tg.shape != ids.shape:
             raise LstmInferError(f"targets shape {tg.shape} differs from inputs shape {ids.shape}")
         T, B = ids.shape
-        feats, st = self._forward(self._embed(ids), state, lengths)
+        feats, st = self._forward_ids(ids, state, lengths)
         with self._threads():
             lp = head.target_log_probs(feats.reshape(T * B, feats.shape[2]), self.head_w, self.head_b,
                                        tg.reshape(-1), self.workers)

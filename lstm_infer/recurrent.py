@@ -19,6 +19,9 @@ from .workers import Workers
 F32 = np.float32
 SERIAL_BELOW = 8192  # B * H under which per-step kernels run on one thread
 STEP_CHUNK, STEP_CHUNK_ROWS = 16, 1024  # input projection: at least 16 steps and 1024 rows per GEMM
+# Layer 0's input projection of every token, W_ih emb[v] + bias, replaces a GEMM per batch by a row copy
+# per token (10 KB for the benchmark's medium model, against 3.4 MFLOP). Built when it fits this size.
+TABLE_BYTES = 128 << 20
 
 
 @dataclass
@@ -85,17 +88,18 @@ def zero_state(layers: list[Layer], batch: int) -> list[tuple[np.ndarray, np.nda
             for ly in layers for _ in ly.dirs]
 
 
-def run_lstm_t(ly: Layer, dw: Direction, x: np.ndarray, h: np.ndarray, c: np.ndarray,
-               valid: np.ndarray, wk: Workers) -> np.ndarray:
+def run_lstm_t(ly: Layer, dw: Direction, x: np.ndarray | None, h: np.ndarray, c: np.ndarray,
+               valid: np.ndarray, wk: Workers, tokens: tuple | None = None) -> np.ndarray:
     """run_direction for a standard LSTM: fused steps (fused.py) on a step-major input projection.
 
     The input projection runs a chunk of steps at a time, as one GEMM whose output gather_steps lays out
     step-major (n, 4H, B) with the bias added: memory stays bounded and each step's block is fresh in cache.
-    A layer with a projection (w_hr) takes the per-step BLAS path, run_lstm_proj.
+    A layer with a projection (w_hr) takes the per-step BLAS path, run_lstm_proj. With ``tokens``
+    = (ids (T, B), table (V, 4H)) the projection is copied from the token table and x is unused.
     """
     if dw.w_hr is not None:
         return run_lstm_proj(ly, dw, x, h, c, valid, wk)
-    T, B, I = x.shape
+    T, B = tokens[0].shape if tokens is not None else x.shape[:2]
     H = ly.hidden
     panel, N = fused.layout(B, H)
     chunk = min(T, max(STEP_CHUNK, -(-STEP_CHUNK_ROWS // B)))
@@ -120,7 +124,10 @@ def run_lstm_t(ly: Layer, dw: Direction, x: np.ndarray, h: np.ndarray, c: np.nda
     for t0 in reversed(starts) if dw.reverse else starts:
         t1 = min(t0 + chunk, T)
         n = t1 - t0
-        _input_projection(dw, x[t0:t1], gxs[:n], wk)
+        if tokens is not None:
+            kernels.gather_table(tokens[1], tokens[0][t0:t1], gxs[:n])
+        else:
+            _input_projection(dw, x[t0:t1], gxs[:n], wk)
         steps(gxs[:n], dw.w_hh, dw.peep, peep, ly.clip, ly.input_forget, valid[t0:t1], dw.reverse,
               hbuf, cT, out[t0:t1], acc, fused.unit_block(N, H))
         if n % 2:  # the final h of the chunk is in hbuf[1]
@@ -128,6 +135,19 @@ def run_lstm_t(ly: Layer, dw: Direction, x: np.ndarray, h: np.ndarray, c: np.nda
     h[...] = hbuf[0, :, :B].T if panel else hbuf[0]
     c[...] = cT[:, :B].T
     return out
+
+
+def table_fits(layers: list[Layer], vocab: int | None) -> bool:
+    """Whether layer 0 can read a token table: a one-direction standard LSTM without projection."""
+    ly = layers[0]
+    return (vocab is not None and ly.cell == "lstm" and len(ly.dirs) == 1 and ly.dirs[0].standard
+            and ly.dirs[0].w_hr is None and vocab * 4 * ly.hidden * 4 <= TABLE_BYTES)
+
+
+def token_table(ly: Layer, embedding: np.ndarray) -> np.ndarray:
+    """(V, 4H): W_ih emb[v] + bias for every token v of layer 0."""
+    dw = ly.dirs[0]
+    return np.ascontiguousarray(np.matmul(embedding, dw.w_ih.T) + dw.bias, F32)
 
 
 def _input_projection(dw: Direction, x: np.ndarray, gxs: np.ndarray, wk: Workers) -> None:
@@ -231,17 +251,22 @@ def run_direction(ly: Layer, dw: Direction, x: np.ndarray, h: np.ndarray, c: np.
     return out
 
 
-def run_stack(layers: list[Layer], x: np.ndarray, state: list, valid: np.ndarray, wk: Workers) -> np.ndarray:
+def run_stack(layers: list[Layer], x: np.ndarray | None, state: list, valid: np.ndarray, wk: Workers,
+              tokens: tuple | None = None) -> np.ndarray:
     """x (T, B, I) through every layer; ``state`` (from zero_state) is updated in place; ``wk`` runs the GEMMs.
 
+    ``tokens`` = (ids (T, B), table (V, 4H)) stands in for x where layer 0 reads a token table (table_fits).
     Returns the last layer's output (T, B, D * P).
     """
     k = 0
-    for ly in layers:
+    for li, ly in enumerate(layers):
         outs = []
         for dw in ly.dirs:
             h, c = state[k]
-            outs.append(run_direction(ly, dw, x, h, c, valid, wk))
+            if li == 0 and tokens is not None:
+                outs.append(run_lstm_t(ly, dw, None, h, c, valid, wk, tokens))
+            else:
+                outs.append(run_direction(ly, dw, x, h, c, valid, wk))
             k += 1
         x = outs[0] if len(outs) == 1 else np.concatenate(outs, axis=2)
     return x

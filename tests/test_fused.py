@@ -88,3 +88,36 @@ def test_fused_lstm_direction(B, H, peep, clip, input_forget, ragged, reverse, t
     assert_close(out, ref_out)
     assert_close(h, ref_h)
     assert_close(c, ref_c)
+
+
+def test_gather_table():
+    table, ids = u(30, 12), rng.integers(0, 30, (5, 9))
+    out = np.full((5, 12, 16), 7.0, np.float32)
+    kernels.gather_table(table, ids, out)
+    np.testing.assert_array_equal(out[:, :, :9], table[ids].transpose(0, 2, 1))
+    assert (out[:, :, 9:] == 7.0).all()  # padding columns untouched
+
+
+@pytest.mark.parametrize("B", [3, 20])
+def test_token_table_path_matches_torch(B, tmp_path, monkeypatch):
+    """Scoring through layer 0's token table (dot and panel layouts) = PyTorch = the embedding + GEMM path."""
+    torch = pytest.importorskip("torch")
+    from tests.util import engine_from_torch, scramble
+
+    torch.manual_seed(0)
+    V, E, H = 40, 6, 24
+    emb, rnn, head = torch.nn.Embedding(V, E), torch.nn.LSTM(E, H, 2), torch.nn.Linear(H, V)
+    for m in (emb, rnn, head):
+        scramble(m, 3, scale=0.8)
+    model = engine_from_torch(rnn.eval(), "lstm", tmp_path, embedding=emb, head=head, threads=2)
+    ids, tgt = rng.integers(0, V, (13, B)), rng.integers(0, V, (13, B))
+    with torch.no_grad():
+        ref = torch.log_softmax(head(rnn(emb(torch.from_numpy(ids)))[0]), -1).numpy()
+    lp, _ = model.target_log_probs(ids, tgt)
+    assert model._table is not None
+    assert_close(lp, np.take_along_axis(ref, tgt[..., None], -1)[..., 0])
+    monkeypatch.setattr(recurrent, "TABLE_BYTES", 0)
+    plain = engine_from_torch(rnn.eval(), "lstm", tmp_path / "plain", embedding=emb, head=head, threads=2)
+    lp2, _ = plain.target_log_probs(ids, tgt)
+    assert plain._table is None
+    assert_close(lp2, lp, atol=1e-6)
