@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 import numpy as np
+from numba import njit, prange
 
 from . import kernels
+from .kernels import BIG, FAST, exp_split
+from .simd import LANES, rows_gemm
 from .workers import Workers
 
 TILE_ROWS = 256  # rows of logits alive at once: 256 x 10k floats = 10 MB, sized to stay near L2/L3
+COLS = 64  # tokens per task of the panel head: four vectors, the widest tile of simd.rows_gemm
 
 
 def logits(feats: np.ndarray, w: np.ndarray, b: np.ndarray | None, wk: Workers) -> np.ndarray:
@@ -28,10 +32,15 @@ def target_log_probs(feats: np.ndarray, w: np.ndarray, b: np.ndarray | None,
                      targets: np.ndarray, wk: Workers, tile: int = TILE_ROWS) -> np.ndarray:
     """log_softmax(feats @ w.T + b)[n, targets[n]] for feats (N, F), targets (N,) -> (N,).
 
-    Each worker takes a share of the rows and never holds more than ``tile`` rows of logits.
+    Heads of 8 outputs or more run target_log_probs_panel (each task holds K x 64 logits). Smaller ones
+    split rows over the workers, each holding at most ``tile`` rows of logits.
     """
     n = feats.shape[0]
     out = np.empty(n, np.float32)
+    if w.shape[0] >= 8 and n:
+        bias = np.zeros(w.shape[0], np.float32) if b is None else b
+        target_log_probs_panel(np.ascontiguousarray(feats), w, bias, targets, out)
+        return out
 
     def part(s0: int, e0: int) -> None:
         buf = np.empty((min(tile, e0 - s0), w.shape[0]), np.float32)
@@ -45,3 +54,45 @@ def target_log_probs(feats: np.ndarray, w: np.ndarray, b: np.ndarray | None,
 
     wk.split(part, n, min_rows=32)
     return out
+
+
+@njit(parallel=True, **FAST)
+def target_log_probs_panel(feats, w, b, targets, out):
+    """out[n] = log_softmax(w @ feats[n] + b)[targets[n]]: feats (N, F), w (K, F) C-contiguous, K >= 8,
+    b (K,), targets (N,) int64, out (N,).
+
+    A task takes 64 tokens: their logits come out transposed, (K, 64), from simd.rows_gemm with every
+    head weight read once per task, and the log-softmax then runs down the columns, vectorised across
+    the 64 tokens. All in one parallel region: no BLAS, so no BLAS threads to hand the cores back and forth.
+    """
+    N, F = feats.shape
+    K = w.shape[0]
+    for task in prange(-(-N // COLS)):
+        n0 = task * COLS
+        nc = min(COLS, N - n0)
+        cols = -(-nc // LANES) * LANES
+        ft = np.zeros((F, cols), np.float32)
+        for c in range(nc):
+            fr = feats[n0 + c]
+            for k in range(F):
+                ft[k, c] = fr[k]
+        logit = np.empty((K, cols), np.float32)
+        rows_gemm(w, 0, K, ft, logit, 0)
+        m = np.full(cols, -BIG, np.float32)
+        for v in range(K):
+            lv, bv = logit[v], b[v]
+            for c in range(cols):
+                x = lv[c] + bv
+                lv[c] = x
+                m[c] = max(m[c], x)
+        s = np.zeros(cols, np.float32)
+        mant, bits = np.empty(cols, np.float32), np.empty(cols, np.int32)
+        scale = bits.view(np.float32)
+        for v in range(K):
+            lv = logit[v]
+            for c in range(cols):
+                mant[c], bits[c] = exp_split(lv[c] - m[c])
+            for c in range(cols):
+                s[c] += mant[c] * scale[c]
+        for c in range(nc):
+            out[n0 + c] = logit[targets[n0 + c], c] - m[c] - np.log(s[c])

@@ -341,15 +341,22 @@ _EXP_MIN = np.float32(-87.0)  # exp(-87) is still a normal float; anything lower
 
 
 @njit(inline="always", **FAST)
+def exp_split(x):
+    """exp(x) for x <= 0 as (mantissa, int32 bits of the float 2^n): the caller multiplies the mantissa by
+    the bits viewed as float32, in a second loop."""
+    x = max(x, _EXP_MIN)
+    n = np.floor(x * _LOG2E + _HALF)
+    r = x - n * _LN2_HI - n * _LN2_LO
+    return ((((((_E0 * r + _E1) * r + _E2) * r + _E3) * r + _E4) * r + _E5) * r * r + r + _ONE,
+            (np.int32(n) + 127) << 23)
+
+
+@njit(inline="always", **FAST)
 def _sum_exp(row, m, mant, bits):
     """sum_k exp(row[k] - m) for row (K,) with max m; mant (K,) float32 and bits (K,) int32 scratch."""
     K = row.shape[0]
     for k in range(K):
-        x = max(row[k] - m, _EXP_MIN)
-        n = np.floor(x * _LOG2E + _HALF)
-        r = x - n * _LN2_HI - n * _LN2_LO
-        mant[k] = (((((_E0 * r + _E1) * r + _E2) * r + _E3) * r + _E4) * r + _E5) * r * r + r + _ONE
-        bits[k] = (np.int32(n) + 127) << 23
+        mant[k], bits[k] = exp_split(row[k] - m)
     scale = bits.view(np.float32)
     s = np.float32(0.0)
     for k in range(K):

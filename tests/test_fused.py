@@ -121,3 +121,16 @@ def test_token_table_path_matches_torch(B, tmp_path, monkeypatch):
     lp2, _ = plain.target_log_probs(ids, tgt)
     assert plain._table is None
     assert_close(lp2, lp, atol=1e-6)
+
+
+@pytest.mark.parametrize("N,K,F", [(1, 8, 5), (70, 300, 33), (128, 9, 64)])
+def test_target_log_probs_panel(N, K, F):
+    """The head's panel kernel (tokens in tiles of 64, a ragged last tile) against a float64 log-softmax."""
+    from lstm_infer import head
+
+    feats, w, b = u(N, F), u(K, F, scale=2.0), u(K)
+    targets = rng.integers(0, K, N)
+    out = np.empty(N, np.float32)
+    head.target_log_probs_panel(feats, w, b, targets, out)
+    ref = naive.log_softmax(feats.astype(np.float64) @ w.T + b)[np.arange(N), targets]
+    assert_close(out, ref)
