@@ -29,6 +29,7 @@ from __future__ import annotations
 import numpy as np
 from numba import njit, prange
 
+from .fused import dot4x1, dot4x4
 from .kernels import BIG, FAST, fsigmoid, ftanh
 
 F32 = np.float32
@@ -54,64 +55,19 @@ def fexp(x):
 
 @njit(inline="always", **FAST)
 def _dot4x4(w0, w1, w2, w3, x0, x1, x2, x3, a):
-    """a[r, q] += w_r . x_q for four weight rows and four inputs, all (K,): every weight loaded feeds
-    four FMAs, so four rows (beams, samples) cost about what one does while the weights stream in."""
-    s00 = s01 = s02 = s03 = s10 = s11 = s12 = s13 = _ZERO
-    s20 = s21 = s22 = s23 = s30 = s31 = s32 = s33 = _ZERO
-    for k in range(w0.shape[0]):
-        v0, v1, v2, v3 = x0[k], x1[k], x2[k], x3[k]
-        u = w0[k]
-        s00 += u * v0
-        s01 += u * v1
-        s02 += u * v2
-        s03 += u * v3
-        u = w1[k]
-        s10 += u * v0
-        s11 += u * v1
-        s12 += u * v2
-        s13 += u * v3
-        u = w2[k]
-        s20 += u * v0
-        s21 += u * v1
-        s22 += u * v2
-        s23 += u * v3
-        u = w3[k]
-        s30 += u * v0
-        s31 += u * v1
-        s32 += u * v2
-        s33 += u * v3
-    a[0, 0] += s00
-    a[0, 1] += s01
-    a[0, 2] += s02
-    a[0, 3] += s03
-    a[1, 0] += s10
-    a[1, 1] += s11
-    a[1, 2] += s12
-    a[1, 3] += s13
-    a[2, 0] += s20
-    a[2, 1] += s21
-    a[2, 2] += s22
-    a[2, 3] += s23
-    a[3, 0] += s30
-    a[3, 1] += s31
-    a[3, 2] += s32
-    a[3, 3] += s33
+    """a[r, q] += w_r . x_q for four weight rows and four inputs, all (K,)."""
+    s = dot4x4(w0, w1, w2, w3, x0, x1, x2, x3)
+    for r in range(4):
+        for q in range(4):
+            a[r, q] += s[4 * r + q]
 
 
 @njit(inline="always", **FAST)
 def _dot4x1(w0, w1, w2, w3, x, a, q):
     """a[r, q] += w_r . x for four weight rows, all (K,)."""
-    s0 = s1 = s2 = s3 = _ZERO
-    for k in range(w0.shape[0]):
-        v = x[k]
-        s0 += w0[k] * v
-        s1 += w1[k] * v
-        s2 += w2[k] * v
-        s3 += w3[k] * v
-    a[0, q] += s0
-    a[1, q] += s1
-    a[2, q] += s2
-    a[3, q] += s3
+    s = dot4x1(w0, w1, w2, w3, x)
+    for r in range(4):
+        a[r, q] += s[r]
 
 
 @njit(inline="always", **FAST)

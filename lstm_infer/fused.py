@@ -30,8 +30,9 @@ PANEL_MIN_BATCH = 9  # batches from this size take the panel layout
 
 
 @njit(inline="always", **FAST)
-def _dot4x4(w0, w1, w2, w3, x0, x1, x2, x3):
-    """The 16 dot products w_r . x_q, all (K,), as a flat tuple (r major)."""
+def dot4x4(w0, w1, w2, w3, x0, x1, x2, x3):
+    """The 16 dot products w_r . x_q, all (K,), as a flat tuple (r major): every weight loaded feeds
+    four FMAs, so four rows (batch rows, beams, samples) cost about what one does while weights stream in."""
     s00 = s01 = s02 = s03 = s10 = s11 = s12 = s13 = _ZERO
     s20 = s21 = s22 = s23 = s30 = s31 = s32 = s33 = _ZERO
     for k in range(w0.shape[0]):
@@ -60,7 +61,8 @@ def _dot4x4(w0, w1, w2, w3, x0, x1, x2, x3):
 
 
 @njit(inline="always", **FAST)
-def _dot4x1(w0, w1, w2, w3, x):
+def dot4x1(w0, w1, w2, w3, x):
+    """The 4 dot products w_r . x, all (K,)."""
     s0 = s1 = s2 = s3 = _ZERO
     for k in range(w0.shape[0]):
         v = x[k]
@@ -71,7 +73,7 @@ def _dot4x1(w0, w1, w2, w3, x):
     return s0, s1, s2, s3
 
 
-@njit(inline="always", **FAST)
+@njit(**FAST)
 def _gates(gx, peep, has_peep, clip, input_forget, c, acc, j0, j1):
     """Gates of units j0 .. j1: gx (4H, N) with the bias, c (H, N), acc (4, H, N) the recurrent sums.
 
@@ -104,7 +106,7 @@ def _gates(gx, peep, has_peep, clip, input_forget, c, acc, j0, j1):
             af[q] = cn
 
 
-@njit(inline="always", **FAST)
+@njit(**FAST)
 def _dot_block(gx, w_hh, peep, has_peep, clip, input_forget, valid, hp, hn, c, out, acc, j0, j1):
     """Dot layout, units j0 .. j1: gx (4H, B), hp, hn (B, H), c (H, B), out (B, H), acc (4, H, B)."""
     H, B = c.shape
@@ -113,14 +115,14 @@ def _dot_block(gx, w_hh, peep, has_peep, clip, input_forget, valid, hp, hn, c, o
         a0, a1, a2, a3 = acc[0, j], acc[1, j], acc[2, j], acc[3, j]
         b0 = 0
         while b0 + 4 <= B:
-            s = _dot4x4(w0, w1, w2, w3, hp[b0], hp[b0 + 1], hp[b0 + 2], hp[b0 + 3])
+            s = dot4x4(w0, w1, w2, w3, hp[b0], hp[b0 + 1], hp[b0 + 2], hp[b0 + 3])
             a0[b0], a0[b0 + 1], a0[b0 + 2], a0[b0 + 3] = s[0], s[1], s[2], s[3]
             a1[b0], a1[b0 + 1], a1[b0 + 2], a1[b0 + 3] = s[4], s[5], s[6], s[7]
             a2[b0], a2[b0 + 1], a2[b0 + 2], a2[b0 + 3] = s[8], s[9], s[10], s[11]
             a3[b0], a3[b0 + 1], a3[b0 + 2], a3[b0 + 3] = s[12], s[13], s[14], s[15]
             b0 += 4
         for b in range(b0, B):
-            a0[b], a1[b], a2[b], a3[b] = _dot4x1(w0, w1, w2, w3, hp[b])
+            a0[b], a1[b], a2[b], a3[b] = dot4x1(w0, w1, w2, w3, hp[b])
     _gates(gx, peep, has_peep, clip, input_forget, c, acc, j0, j1)
     for j in range(j0, j1):  # the mask and the strided stores of h stay out of the vectorised loop
         yj, cnj, cj = acc[0, j], acc[1, j], c[j]
@@ -134,10 +136,10 @@ def _dot_block(gx, w_hh, peep, has_peep, clip, input_forget, valid, hp, hn, c, o
                 out[b, j] = _ZERO
 
 
-@njit(inline="always", **FAST)
+@njit(**FAST)
 def _panel_block(gx, w_hh, peep, has_peep, clip, input_forget, valid, hp, hn, c, out, acc, j0, j1):
-    """Panel layout, units j0 .. j1 (at least 8): gx (4H, Bp), hp, hn, c (H, Bp), out (B, H),
-    acc (4, H, Bp); valid (B,) covers the real rows."""
+    """Panel layout, units j0 .. j1 (at least 8; rows_gemm writes only rows j0 .. j1 of acc): gx (4H, Bp),
+    hp, hn, c (H, Bp), out (B, H), acc (4, H, Bp); valid (B,) covers the real rows."""
     H = c.shape[0]
     B = out.shape[0]
     for g in range(4):
@@ -190,9 +192,12 @@ def lstm_steps_panel(gx, w_hh, peep, has_peep, clip, input_forget, valid, revers
     for s in range(n):
         t = n - 1 - s if reverse else s
         hp, hn = hbuf[s % 2], hbuf[(s + 1) % 2]
-        for k in prange(-(-H // U)):
+        # The last task takes the H % U leftover units too: a panel tile re-runs rows of its own task to
+        # cover a short tail, and a task of fewer than 8 units would write into its neighbour's rows.
+        ntask = max(1, H // U)
+        for k in prange(ntask):
             _panel_block(gx[t], w_hh, peep, has_peep, clip, input_forget, valid[t], hp, hn, c, out[t], acc,
-                         k * U, min(H, k * U + U))
+                         k * U, H if k == ntask - 1 else k * U + U)
 
 
 @njit(parallel=True, **FAST)

@@ -50,7 +50,7 @@ def target_log_probs(feats: np.ndarray, w: np.ndarray, b: np.ndarray | None,
             np.matmul(feats[s:e], w.T, out=logit)
             if b is not None:
                 logit += b
-            kernels.gather_log_softmax_serial(logit, targets[s:e], out[s:e])
+            kernels.gather_log_softmax(logit, targets[s:e], out[s:e])
 
     wk.split(part, n, min_rows=32)
     return out

@@ -101,23 +101,23 @@ def _gather_rows(gxa, bias, out, g):
             dst[b] = src[b] + bg
 
 
-@njit(parallel=True, **FAST)
+@njit(**FAST)
 def gather_steps(gxa, bias, out):
     """out[t, g, b] = gxa[g, t * B + b] + bias[g]: gxa (G, n*B), bias (G,) -> out (n, G, >= B).
 
     The input projection comes out of one GEMM as (G, n*B); each step's gate kernel wants its own
     (G, B) block contiguous, read front to back. Reading a step's slice of the (G, n*B) array in place
     (rows n*B*4 bytes apart) made the gate kernel 5-7x slower; this copy reads rows sequentially.
+    Serial: each worker thread (workers.py) gathers its own share of the steps.
     """
-    for g in prange(out.shape[1]):
-        _gather_rows(gxa, bias, out, g)
-
-
-@njit(**FAST)
-def gather_steps_serial(gxa, bias, out):
-    """gather_steps on the calling thread (a worker's share of the steps)."""
-    for g in range(out.shape[1]):
-        _gather_rows(gxa, bias, out, g)
+    n, G = out.shape[0], out.shape[1]
+    B = gxa.shape[1] // n  # out may have more columns (padding), left as they are
+    for g in range(G):
+        bg = bias[g]
+        for t in range(n):
+            src, dst = gxa[g, t * B:(t + 1) * B], out[t, g]
+            for b in range(B):
+                dst[b] = src[b] + bg
 
 
 @njit(parallel=True, **FAST)
@@ -377,24 +377,16 @@ def log_softmax_rows(x):
             x[n, k] -= lse
 
 
-@njit(inline="always", **FAST)
-def _gather_lsm_row(x, targets, out, n):
-    K = x.shape[1]
-    m = -BIG
-    for k in range(K):
-        m = max(m, x[n, k])
-    out[n] = x[n, targets[n]] - m - np.log(_sum_exp(x[n], m, np.empty(K, np.float32), np.empty(K, np.int32)))
-
-
-@njit(parallel=True, **FAST)
-def gather_log_softmax(x, targets, out):
-    """out[n] = log_softmax(x[n])[targets[n]] for x (N, K) logits, targets (N,) int64, out (N,)."""
-    for n in prange(x.shape[0]):
-        _gather_lsm_row(x, targets, out, n)
-
-
 @njit(**FAST)
-def gather_log_softmax_serial(x, targets, out):
-    """gather_log_softmax on the calling thread (a worker's share of the rows)."""
-    for n in range(x.shape[0]):
-        _gather_lsm_row(x, targets, out, n)
+def gather_log_softmax(x, targets, out):
+    """out[n] = log_softmax(x[n])[targets[n]] for x (N, K) logits, targets (N,) int64, out (N,).
+
+    Serial: each worker thread takes its own share of the rows (head.target_log_probs for small heads).
+    """
+    N, K = x.shape
+    mant, bits = np.empty(K, np.float32), np.empty(K, np.int32)
+    for n in range(N):
+        m = -BIG
+        for k in range(K):
+            m = max(m, x[n, k])
+        out[n] = x[n, targets[n]] - m - np.log(_sum_exp(x[n], m, mant, bits))

@@ -160,7 +160,7 @@ def _input_projection(dw: Direction, x: np.ndarray, gxs: np.ndarray, wk: Workers
         return
 
     def part(s: int, e: int) -> None:
-        kernels.gather_steps_serial(np.matmul(dw.w_ih, x[s:e].reshape((e - s) * B, I).T), dw.bias, gxs[s:e])
+        kernels.gather_steps(np.matmul(dw.w_ih, x[s:e].reshape((e - s) * B, I).T), dw.bias, gxs[s:e])
 
     wk.split(part, n)
 

@@ -92,7 +92,7 @@ _P1, _P2, _P3, _P4 = (_make_panel(ROWS[nv], nv) for nv in (1, 2, 3, 4))
 _F4 = np.intp(4)  # bytes per float32
 
 
-@njit(inline="always", **FAST)
+@njit(**FAST)
 def _panels(nv, w, ldw, h, ldh, K, out, ldo):
     if nv == 1:
         _P1(w, ldw, h, ldh, K, out, ldo)
@@ -104,7 +104,7 @@ def _panels(nv, w, ldw, h, ldh, K, out, ldo):
         _P4(w, ldw, h, ldh, K, out, ldo)
 
 
-@njit(inline="always", **FAST)
+@njit(**FAST)
 def rows_gemm(w, r0, r1, h, out, o0):
     """out[o0 + i, :] = w[r0 + i] @ h for i < r1 - r0: w (M, K), h (K, N), out (*, N), all C-contiguous,
     N a multiple of LANES, r1 - r0 >= 8 (a short tail re-runs rows of the tile before it)."""

@@ -70,6 +70,17 @@ CASES = [  # B, H, peepholes, clip, input_forget, ragged, reverse
 @pytest.mark.parametrize("B,H,peep,clip,input_forget,ragged,reverse", CASES)
 @pytest.mark.parametrize("threads", [1, 2])
 def test_fused_lstm_direction(B, H, peep, clip, input_forget, ragged, reverse, threads):
+    _check_direction(B, H, peep, clip, input_forget, ragged, reverse, threads)
+
+
+def test_fused_panel_tasks_own_their_rows():
+    """H = 19 splits into tasks of 8 and 11 units: a 3-unit tail task would re-run a tile over its
+    neighbour's rows while that neighbour applies its gates (a race that showed 1 run in ~5). Repeated."""
+    for _ in range(30):
+        _check_direction(33, 19, True, 0.9, True, True, False, 2)
+
+
+def _check_direction(B, H, peep, clip, input_forget, ragged, reverse, threads):
     T, I = (37 if B >= 64 else 11), 6  # B = 70: steps in chunks of 16, 16 and 5 (an odd last chunk)
     x, w_ih, w_hh, bias = u(T, B, I), u(4 * H, I, scale=0.8), u(4 * H, H, scale=1.5 / np.sqrt(H)), u(4 * H, scale=0.6)
     p = u(3, H) if peep else np.zeros((3, H), np.float32)
