@@ -143,7 +143,7 @@ def _panel_block(gx, w_hh, peep, has_peep, clip, input_forget, valid, hp, hn, c,
     H = c.shape[0]
     B = out.shape[0]
     for g in range(4):
-        rows_gemm(w_hh, g * H + j0, g * H + j1, hp, acc[g], j0)
+        rows_gemm(w_hh, g * H + j0, g * H + j1, hp, acc[g], j0, False)
     _gates(gx, peep, has_peep, clip, input_forget, c, acc, j0, j1)
     N = c.shape[1]
     full = True

@@ -77,7 +77,7 @@ def target_log_probs_panel(feats, w, b, targets, out):
             for k in range(F):
                 ft[k, c] = fr[k]
         logit = np.empty((K, cols), np.float32)
-        rows_gemm(w, 0, K, ft, logit, 0)
+        rows_gemm(w, 0, K, ft, logit, 0, True)
         m = np.full(cols, -BIG, np.float32)
         for v in range(K):
             lv, bv = logit[v], b[v]

@@ -121,6 +121,23 @@ def gather_steps(gxa, bias, out):
 
 
 @njit(parallel=True, **FAST)
+def gather_table_columns(table, ids, out):
+    """out[t, g, b] = table[g, ids[t, b]]: table (G, V), ids (n, B) int64 -> out (n, G, >= B).
+
+    Row g of the table stays in L1 while the batch gathers from it and out[t, g] fills front to back:
+    2.3x the speed of gather_table at V = 256, but 5x slower at V = 10k, where the rows no longer fit.
+    """
+    n, B = ids.shape
+    G = table.shape[0]
+    for t in prange(n):
+        ot, it = out[t], ids[t]
+        for g in range(G):
+            row, og = table[g], ot[g]
+            for b in range(B):
+                og[b] = row[it[b]]
+
+
+@njit(parallel=True, **FAST)
 def gather_table(table, ids, out):
     """out[t, g, b] = table[ids[t, b], g]: table (V, G), ids (n, B) int64 -> out (n, G, >= B).
 

@@ -94,7 +94,7 @@ class Model:
         tok = config["tokenizer"]
         self.tokenizer = Tokenizer.from_config(tok, vocab) if tok is not None else None
         self._uniform = len({(ly.cell, ly.out, ly.hidden) for ly in self.layers}) == 1
-        self._table: np.ndarray | None = None  # layer 0's input projection per token, built on first use
+        self._table: tuple | None = None  # layer 0's input projection per token (recurrent.token_table), on first use
 
     # ------------------------------------------------------------------ helpers
     @contextlib.contextmanager

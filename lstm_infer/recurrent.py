@@ -22,6 +22,7 @@ STEP_CHUNK, STEP_CHUNK_ROWS = 16, 1024  # input projection: at least 16 steps an
 # Layer 0's input projection of every token, W_ih emb[v] + bias, replaces a GEMM per batch by a row copy
 # per token (10 KB for the benchmark's medium model, against 3.4 MFLOP). Built when it fits this size.
 TABLE_BYTES = 128 << 20
+TABLE_COLUMNS_V = 2048  # up to this vocabulary a row of the (4H, V) table (8 KB) stays in L1 while a step gathers
 
 
 @dataclass
@@ -95,7 +96,7 @@ def run_lstm_t(ly: Layer, dw: Direction, x: np.ndarray | None, h: np.ndarray, c:
     The input projection runs a chunk of steps at a time, as one GEMM whose output gather_steps lays out
     step-major (n, 4H, B) with the bias added: memory stays bounded and each step's block is fresh in cache.
     A layer with a projection (w_hr) takes the per-step BLAS path, run_lstm_proj. With ``tokens``
-    = (ids (T, B), table (V, 4H)) the projection is copied from the token table and x is unused.
+    = (ids (T, B), token_table(...)) the projection is copied from the token table and x is unused.
     """
     if dw.w_hr is not None:
         return run_lstm_proj(ly, dw, x, h, c, valid, wk)
@@ -125,7 +126,8 @@ def run_lstm_t(ly: Layer, dw: Direction, x: np.ndarray | None, h: np.ndarray, c:
         t1 = min(t0 + chunk, T)
         n = t1 - t0
         if tokens is not None:
-            kernels.gather_table(tokens[1], tokens[0][t0:t1], gxs[:n])
+            ids, (table, columns) = tokens[0][t0:t1], tokens[1]
+            (kernels.gather_table_columns if columns else kernels.gather_table)(table, ids, gxs[:n])
         else:
             _input_projection(dw, x[t0:t1], gxs[:n], wk)
         steps(gxs[:n], dw.w_hh, dw.peep, peep, ly.clip, ly.input_forget, valid[t0:t1], dw.reverse,
@@ -144,10 +146,13 @@ def table_fits(layers: list[Layer], vocab: int | None) -> bool:
             and ly.dirs[0].w_hr is None and vocab * 4 * ly.hidden * 4 <= TABLE_BYTES)
 
 
-def token_table(ly: Layer, embedding: np.ndarray) -> np.ndarray:
-    """(V, 4H): W_ih emb[v] + bias for every token v of layer 0."""
+def token_table(ly: Layer, embedding: np.ndarray) -> tuple[np.ndarray, bool]:
+    """(table, columns): W_ih emb[v] + bias for every token v of layer 0, as (V, 4H), or as (4H, V) with
+    columns True for vocabularies of at most TABLE_COLUMNS_V tokens (see kernels.gather_table)."""
     dw = ly.dirs[0]
-    return np.ascontiguousarray(np.matmul(embedding, dw.w_ih.T) + dw.bias, F32)
+    table = np.matmul(embedding, dw.w_ih.T) + dw.bias
+    columns = embedding.shape[0] <= TABLE_COLUMNS_V
+    return np.ascontiguousarray(table.T if columns else table, F32), columns
 
 
 def _input_projection(dw: Direction, x: np.ndarray, gxs: np.ndarray, wk: Workers) -> None:
@@ -255,7 +260,7 @@ def run_stack(layers: list[Layer], x: np.ndarray | None, state: list, valid: np.
               tokens: tuple | None = None) -> np.ndarray:
     """x (T, B, I) through every layer; ``state`` (from zero_state) is updated in place; ``wk`` runs the GEMMs.
 
-    ``tokens`` = (ids (T, B), table (V, 4H)) stands in for x where layer 0 reads a token table (table_fits).
+    ``tokens`` = (ids (T, B), token_table(...)) stands in for x where layer 0 reads a token table (table_fits).
     Returns the last layer's output (T, B, D * P).
     """
     k = 0

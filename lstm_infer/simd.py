@@ -105,15 +105,21 @@ def _panels(nv, w, ldw, h, ldh, K, out, ldo):
 
 
 @njit(**FAST)
-def rows_gemm(w, r0, r1, h, out, o0):
+def rows_gemm(w, r0, r1, h, out, o0, wide):
     """out[o0 + i, :] = w[r0 + i] @ h for i < r1 - r0: w (M, K), h (K, N), out (*, N), all C-contiguous,
-    N a multiple of LANES, r1 - r0 >= 8 (a short tail re-runs rows of the tile before it)."""
+    N a multiple of LANES, r1 - r0 >= 8 (a short tail re-runs rows of the tile before it).
+
+    Columns go in groups of up to 3 vectors (8-row tiles), or 4 (6-row tiles) when ``wide``: 4 reads the
+    weights fewer times (the head's 10k-row matrix), 3 suits short row ranges (a step's 8-16 units per
+    gate, where 6-row tiles would re-run a third of the rows). Four vectors' worth take 2 + 2.
+    """
     K, N = h.shape
     wp, hp, op = w.ctypes.data, h.ctypes.data, out.ctypes.data
     c0 = 0
     while c0 < N:
-        nv = min(4, (N - c0) // LANES)
-        R = 6 if nv == 4 else 8
+        left = (N - c0) // LANES
+        nv = min(4, left) if wide else (2 if left == 4 else min(3, left))
+        R = ROWS[nv]
         r = r0
         while r < r1:
             rr = min(r, r1 - R)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import itertools
+
 import numpy as np
 import pytest
 from numba import njit
@@ -20,8 +22,8 @@ def u(*shape, scale=1.0):
 
 
 @njit(cache=True)
-def _rows_gemm(w, r0, r1, h, out, o0):
-    rows_gemm(w, r0, r1, h, out, o0)
+def _rows_gemm(w, r0, r1, h, out, o0, wide):
+    rows_gemm(w, r0, r1, h, out, o0, wide)
 
 
 @pytest.mark.parametrize("K", [1, 7, 64, 513])
@@ -31,9 +33,9 @@ def test_rows_gemm(K, N):
     M = 40
     w, h = u(M, K), u(K, N)
     ref = w.astype(np.float64) @ h
-    for r0, r1, o0 in ((0, M, 0), (3, 16, 0), (5, 34, 2), (8, 16, 30)):
+    for (r0, r1, o0), wide in itertools.product(((0, M, 0), (3, 16, 0), (5, 34, 2), (8, 16, 30)), (False, True)):
         out = np.full((M + 2, N), np.nan, np.float32)
-        _rows_gemm(w, r0, r1, h, out, o0)
+        _rows_gemm(w, r0, r1, h, out, o0, wide)
         assert_close(out[o0:o0 + r1 - r0], ref[r0:r1], atol=1e-5 * K)
         assert np.isnan(out[:o0]).all() and np.isnan(out[o0 + r1 - r0:]).all()  # nothing outside the rows
 
@@ -103,15 +105,18 @@ def _check_direction(B, H, peep, clip, input_forget, ragged, reverse, threads):
 
 def test_gather_table():
     table, ids = u(30, 12), rng.integers(0, 30, (5, 9))
-    out = np.full((5, 12, 16), 7.0, np.float32)
-    kernels.gather_table(table, ids, out)
-    np.testing.assert_array_equal(out[:, :, :9], table[ids].transpose(0, 2, 1))
-    assert (out[:, :, 9:] == 7.0).all()  # padding columns untouched
+    for kernel, t in ((kernels.gather_table, table), (kernels.gather_table_columns, np.ascontiguousarray(table.T))):
+        out = np.full((5, 12, 16), 7.0, np.float32)
+        kernel(t, ids, out)
+        np.testing.assert_array_equal(out[:, :, :9], table[ids].transpose(0, 2, 1))
+        assert (out[:, :, 9:] == 7.0).all()  # padding columns untouched
 
 
 @pytest.mark.parametrize("B", [3, 20])
-def test_token_table_path_matches_torch(B, tmp_path, monkeypatch):
-    """Scoring through layer 0's token table (dot and panel layouts) = PyTorch = the embedding + GEMM path."""
+@pytest.mark.parametrize("columns", [True, False])
+def test_token_table_path_matches_torch(B, columns, tmp_path, monkeypatch):
+    """Scoring through layer 0's token table (dot and panel layouts, either table orientation) = PyTorch =
+    the embedding + GEMM path."""
     torch = pytest.importorskip("torch")
     from tests.util import engine_from_torch, scramble
 
@@ -120,12 +125,13 @@ def test_token_table_path_matches_torch(B, tmp_path, monkeypatch):
     emb, rnn, head = torch.nn.Embedding(V, E), torch.nn.LSTM(E, H, 2), torch.nn.Linear(H, V)
     for m in (emb, rnn, head):
         scramble(m, 3, scale=0.8)
+    monkeypatch.setattr(recurrent, "TABLE_COLUMNS_V", V if columns else V - 1)
     model = engine_from_torch(rnn.eval(), "lstm", tmp_path, embedding=emb, head=head, threads=2)
     ids, tgt = rng.integers(0, V, (13, B)), rng.integers(0, V, (13, B))
     with torch.no_grad():
         ref = torch.log_softmax(head(rnn(emb(torch.from_numpy(ids)))[0]), -1).numpy()
     lp, _ = model.target_log_probs(ids, tgt)
-    assert model._table is not None
+    assert model._table is not None and model._table[1] == columns
     assert_close(lp, np.take_along_axis(ref, tgt[..., None], -1)[..., 0])
     monkeypatch.setattr(recurrent, "TABLE_BYTES", 0)
     plain = engine_from_torch(rnn.eval(), "lstm", tmp_path / "plain", embedding=emb, head=head, threads=2)
