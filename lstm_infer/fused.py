@@ -151,8 +151,11 @@ def _panel_block(gx, w_hh, peep, has_peep, clip, input_forget, valid, hp, hn, c,
         full &= valid[b]
     if full:  # the common case: whole rows copy, and vectorise
         n = (j1 - j0) * N
-        c[j0:j1].reshape(n)[:] = acc[1, j0:j1].reshape(n)
-        hn[j0:j1].reshape(n)[:] = acc[0, j0:j1].reshape(n)
+        cf, hf = c[j0:j1].reshape(n), hn[j0:j1].reshape(n)
+        yf, cnf = acc[0, j0:j1].reshape(n), acc[1, j0:j1].reshape(n)
+        for q in range(n):  # a loop, not cf[:] = ...: Numba compiles slice assignment with a shape error
+            cf[q] = cnf[q]
+            hf[q] = yf[q]
     else:
         for j in range(j0, j1):
             yj, cnj, cj, hnj, hpj = acc[0, j], acc[1, j], c[j], hn[j], hp[j]
