@@ -27,6 +27,7 @@ import math
 import os
 import shutil
 import tempfile
+import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -250,7 +251,7 @@ def _load_tensor(path: Path, name: str, shape: tuple[int, ...], check_finite: bo
         arr = np.load(path, mmap_mode="r", allow_pickle=False)
     except FileNotFoundError:
         raise LstmInferError(f"{where}: missing tensor file for '{name}'") from None
-    except (ValueError, OSError, EOFError) as err:
+    except (ValueError, OSError, EOFError, zipfile.BadZipFile) as err:  # a file starting "PK" is taken for .npz
         msg = str(err).splitlines()[0] if str(err) else type(err).__name__
         raise LstmInferError(f"{where}: not a readable .npy file ({msg})") from None
     _need(isinstance(arr, np.ndarray), where, "not a .npy array")

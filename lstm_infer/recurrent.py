@@ -104,7 +104,7 @@ def run_lstm_t(ly: Layer, dw: Direction, x: np.ndarray | None, h: np.ndarray, c:
     H = ly.hidden
     panel, N = fused.layout(B, H)
     chunk = min(T, max(STEP_CHUNK, -(-STEP_CHUNK_ROWS // B)))
-    gxs = np.zeros((chunk, 4 * H, N), F32)  # zeros: padding columns must stay finite
+    gxs = wk.buffer("gx", chunk, (4 * H, N))  # padding columns: zeros, or an earlier call's finite values
     if not panel:  # dot layout: h batch-major
         hbuf = np.empty((2, B, H), F32)
         hbuf[0] = h
@@ -113,7 +113,7 @@ def run_lstm_t(ly: Layer, dw: Direction, x: np.ndarray | None, h: np.ndarray, c:
         hbuf[0, :, :B] = h.T
     cT = np.zeros((H, N), F32)
     cT[:, :B] = c.T
-    acc = np.empty((4, H, N), F32)
+    acc = wk.buffer("acc", 4, (H, N))
     out = np.empty((T, B, H), F32)
     if panel:
         steps = fused.lstm_steps_panel

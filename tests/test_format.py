@@ -80,6 +80,7 @@ BREAKERS = {
     "truncated": (lambda p: (p / "embedding.npy").write_bytes((p / "embedding.npy").read_bytes()[:90]),
                   "embedding.npy: not a readable .npy"),
     "garbage": (lambda p: (p / "embedding.npy").write_bytes(b"\x00" * 64), "embedding.npy: not a readable .npy"),
+    "zip-magic": (lambda p: (p / "embedding.npy").write_bytes(b"PK\x03\x04"), "embedding.npy: not a readable .npy"),
     "pickled": (lambda p: save(p, "embedding", np.array([{"a": 1}] * V * E, dtype=object).reshape(V, E)),
                 "embedding.npy: not a readable .npy"),
     "float64": (lambda p: save(p, "embedding", np.zeros((V, E))), "dtype is <f8"),
