@@ -71,9 +71,56 @@ def _dot4x1(w0, w1, w2, w3, x, a, q):
 
 
 @njit(inline="always", **FAST)
+def _dot4x5(w0, w1, w2, w3, x0, x1, x2, x3, x4, a):
+    """a[r, q] += w_r . x_q for four weight rows and five inputs (a beam of 5 in one pass over the weights):
+    20 accumulators, each weight loaded feeds five FMAs."""
+    s00 = s01 = s02 = s03 = s04 = s10 = s11 = s12 = s13 = s14 = _ZERO
+    s20 = s21 = s22 = s23 = s24 = s30 = s31 = s32 = s33 = s34 = _ZERO
+    for k in range(w0.shape[0]):
+        v0, v1, v2, v3, v4 = x0[k], x1[k], x2[k], x3[k], x4[k]
+        u = w0[k]
+        s00 += u * v0
+        s01 += u * v1
+        s02 += u * v2
+        s03 += u * v3
+        s04 += u * v4
+        u = w1[k]
+        s10 += u * v0
+        s11 += u * v1
+        s12 += u * v2
+        s13 += u * v3
+        s14 += u * v4
+        u = w2[k]
+        s20 += u * v0
+        s21 += u * v1
+        s22 += u * v2
+        s23 += u * v3
+        s24 += u * v4
+        u = w3[k]
+        s30 += u * v0
+        s31 += u * v1
+        s32 += u * v2
+        s33 += u * v3
+        s34 += u * v4
+    s = (s00, s01, s02, s03, s04, s10, s11, s12, s13, s14, s20, s21, s22, s23, s24, s30, s31, s32, s33, s34)
+    for r in range(4):
+        for q in range(5):
+            a[r, q] += s[5 * r + q]
+
+
+@njit(inline="always", **FAST)
+def _group(n, b0):
+    """Rows per pass from row b0 of n: fours, but a last five in one pass (beam 5, 9, ...)."""
+    return 5 if n - b0 == 5 else min(4, n - b0)
+
+
+@njit(inline="always", **FAST)
 def _dots(w0, w1, w2, w3, xs, rows, b0, nb, a):
-    """a[r, q] += w_r . xs[rows[b0 + q]] for four weight rows w_r (K,) and q < nb <= 4."""
-    if nb == 4:
+    """a[r, q] += w_r . xs[rows[b0 + q]] for four weight rows w_r (K,) and q < nb <= 5."""
+    if nb == 5:
+        _dot4x5(w0, w1, w2, w3, xs[rows[b0]], xs[rows[b0 + 1]], xs[rows[b0 + 2]], xs[rows[b0 + 3]],
+                xs[rows[b0 + 4]], a)
+    elif nb == 4:
         _dot4x4(w0, w1, w2, w3, xs[rows[b0]], xs[rows[b0 + 1]], xs[rows[b0 + 2]], xs[rows[b0 + 3]], a)
     else:
         for q in range(nb):
@@ -83,8 +130,9 @@ def _dots(w0, w1, w2, w3, xs, rows, b0, nb, a):
 # --------------------------------------------------------------------------- recurrent cells
 # Every cell kernel: rows b < n, input x[b] (I,), previous state row par[b] of hp (P,) (and cp (H,));
 # w (H, G, I + P); pre (*, H, G) starts each gate's sum: the bias (prow all 0) or, for a layer-0
-# table, W_ih x + bias of token prow[b] (then I = 0); ident = arange; acc (H, 2, 4, 4) scratch.
-# Threads split the hidden units; each unit's G weight rows serve up to 4 rows at a time.
+# table, W_ih x + bias of token prow[b] (then I = 0); ident = arange; acc (H, 2, 4, 5) scratch.
+# Threads split the hidden units; each unit's G weight rows serve up to 4 rows at a time (LSTM: 5 for a
+# last group of five, so that beam 5 reads the weights once per step).
 
 @njit(parallel=True, **FAST)
 def lstm_cells(w, pre, prow, x, hp, cp, par, ident, n, acc, c_out, y_out):
@@ -92,8 +140,9 @@ def lstm_cells(w, pre, prow, x, hp, cp, par, ident, n, acc, c_out, y_out):
     H, I = w.shape[0], x.shape[1]
     for j in prange(H):
         wj, a = w[j], acc[j, 0]
-        for b0 in range(0, n, 4):
-            nb = min(4, n - b0)
+        b0 = 0
+        while b0 < n:
+            nb = _group(n, b0)
             for q in range(nb):
                 for g in range(4):
                     a[g, q] = pre[prow[b0 + q], j, g]
@@ -104,6 +153,7 @@ def lstm_cells(w, pre, prow, x, hp, cp, par, ident, n, acc, c_out, y_out):
                 c = fsigmoid(a[1, q]) * cp[par[b], j] + fsigmoid(a[0, q]) * ftanh(a[2, q])
                 c_out[b, j] = c
                 y_out[b, j] = fsigmoid(a[3, q]) * ftanh(c)
+            b0 += nb
 
 
 @njit(parallel=True, **FAST)
@@ -231,7 +281,7 @@ def _layer(net, l, x, pre, prow, hbuf, cbuf, scratch, acc, cur, par, ident, n):
 def stack_step(net, hbuf, cbuf, scratch, acc, cur, tok, par, ident, n):
     """Rows b < n take token tok[b] and continue state row par[b] of half ``cur``; writes half 1 - cur.
 
-    scratch (3, R, H) and acc (H, 2, 4, 4) float32 scratch; ident (R,) = arange(R).
+    scratch (3, R, H) and acc (H, 2, 4, 5) float32 scratch; ident (R,) = arange(R).
     """
     bias, table, emb = net[5], net[6], net[9]
     zeros = np.zeros(n, np.int64)
@@ -430,7 +480,7 @@ def decode_rows(net, hbuf, cbuf, scratch, cur, tok, par, n, t0, steps, nblk, min
     head_w, head_b = net[10], net[11]
     K = head_w.shape[0]
     L = hbuf.shape[1]
-    acc = np.empty((max(cbuf.shape[3], hbuf.shape[3], scratch.shape[2]), 2, 4, 4), F32)
+    acc = np.empty((max(cbuf.shape[3], hbuf.shape[3], scratch.shape[2]), 2, 4, 5), F32)
     logits = np.empty((n, K), F32)
     bmax, bsum = np.empty((n, nblk), F32), np.empty((n, nblk), F32)
     lse = np.empty(n)
@@ -588,7 +638,7 @@ def beam_search(net, hbuf, cbuf, scratch, cur, tok0, beam, max_new, min_new, eos
     head_w, head_b = net[10], net[11]
     K = head_w.shape[0]
     L = hbuf.shape[1]
-    acc = np.empty((max(cbuf.shape[3], hbuf.shape[3], scratch.shape[2]), 2, 4, 4), F32)
+    acc = np.empty((max(cbuf.shape[3], hbuf.shape[3], scratch.shape[2]), 2, 4, 5), F32)
     ident = np.arange(beam)
     logits = np.empty((beam, K), F32)
     bmax, bsum = np.empty((beam, nblk), F32), np.empty((beam, nblk), F32)

@@ -247,9 +247,11 @@ def test_sampling_is_reproducible(tmp_path):
 
 @pytest.mark.parametrize("key", list(CELLS) + ["gru-lbr0"])
 def test_compiled_equals_step_path(key, tmp_path, monkeypatch):
-    """With and without the layer-0 table; 6 beams and 5 samples run the 4-row blocks and their tails."""
+    """With and without the layer-0 table; 6 beams and 5 samples run the 4-row blocks and their tails, 5 and
+    9 beams the LSTM's closing group of five rows."""
     model = gru_lbr0(tmp_path, V=13) if key == "gru-lbr0" else lm(tmp_path, key, V=13, eos_bias=1.0)[0]
     runs = [dict(), dict(method="beam", beam_size=6, num_hypotheses=3, length_penalty=0.8),
+            dict(method="beam", beam_size=5, num_hypotheses=2), dict(method="beam", beam_size=9, num_hypotheses=2),
             dict(method="sample", num_hypotheses=5, seed=7, top_k=6, temperature=0.8)]
     budget = decoding.TABLE_BYTES
     for kw in runs:
