@@ -1,10 +1,13 @@
-"""Fused LSTM steps: the recurrent product and the gate update in one parallel region per step.
+"""Fused LSTM steps: the recurrent product and the gate update in one pass over a thread's hidden units.
 
 The per-step path used to run three things: OpenBLAS's W_hh @ h (it re-packs W_hh on every call, and its
 threads spin for milliseconds after each call, taking the core that Numba's next region wants), a gate
-kernel, and a commit. Here the thread that owns a block of hidden units computes the recurrent sums of
-the block's four gate rows and applies the gates straight away; W_hh stays in the layout the model
-directory stores (gate g of unit j is row g*H + j), and nothing but the new h and c is written.
+kernel, and a commit. Here the thread that owns a share of the hidden units computes the recurrent sums
+of its units' four gate rows and applies the gates straight away; W_hh stays in the layout the model
+directory stores (gate g of unit j is row g*H + j), and nothing but the new h and c is written. The
+threads form a gang (gang.py) that keeps its shares for a whole chunk of steps and meets at a spin
+barrier after each: batch-1 steps of 512 units went from 37 to 25 us on 2 threads against a Numba
+parallel region per step.
 
 Two layouts, by batch size:
 - panel (B > 8): the state is feature-major, h^T (H, Bp) with Bp = B rounded up to 16, so a step's
@@ -20,8 +23,9 @@ Shapes: n steps, B batch rows, H hidden units (no projection: P = H), G = 4H.
 from __future__ import annotations
 
 import numpy as np
-from numba import njit, prange
+from numba import njit
 
+from .gang import arrive_wait
 from .kernels import FAST, _clip, fsigmoid, ftanh
 from .simd import LANES, rows_gemm
 
@@ -175,57 +179,66 @@ def _panel_block(gx, w_hh, peep, has_peep, clip, input_forget, valid, hp, hn, c,
 
 
 def unit_block(B: int, H: int) -> int:
-    """Hidden units per parallel task: at least 8 (a panel tile), at most 512 / B (a task's gate loop
-    spans ~512 elements), and at most H / 8 so that a small batch still splits into tasks."""
+    """Hidden units per block of a member's share: at least 8 (a panel tile), at most 512 / B (a block's
+    gate loop spans ~512 elements), and at most H / 8."""
     return max(1, min(H, max(8, min(-(-512 // B), -(-H // 8)))))
 
 
-# The step loops. Each layout has its own: with both blocks inlined behind a branch in one prange body,
-# the panel steps ran 30% slower (193 vs 150 us per step, H=512, B=32, 2 threads).
+def shares(H: int, members: int, panel: bool) -> list[int]:
+    """Bounds of each gang member's hidden units (members + 1 values). Panel shares are multiples of 8 units
+    but the last, and at least 8: a panel tile re-runs rows of its own share to cover a short tail, so a
+    share of fewer than 8 units would write into its neighbour's rows."""
+    if not panel:
+        return [H * k // members for k in range(members + 1)]
+    return [8 * (H // 8 * k // members) for k in range(members)] + [H]
+
+
+def members(threads: int, B: int, H: int, panel: bool) -> int:
+    """Gang size for B rows of H units: one thread for steps too small to split (a 37-unit batch-1 step
+    is ~1 us), and shares of at least 8 units in the panel layout."""
+    if B * H * H < 1 << 16:
+        return 1
+    return max(1, min(threads, H // 8)) if panel else min(threads, H)
+
+
+# The step loops, one per layout: with both blocks inlined behind a branch in one loop body, the panel
+# steps ran 30% slower (193 vs 150 us per step, H=512, B=32, 2 threads). Each is run by every member of a
+# gang (gang.py) on its own units j0 .. j1, in blocks of U (unit_block); ``flags``, ``me`` and ``members``
+# are the gang's. A member meets the others after each step: the next step reads all of h.
 # Arguments: gx (n, 4H, N) input projections with the bias (kernels.gather_steps); w_hh (4H, H);
 # peep (3, H) read only when has_peep; clip float32 (BIG: none); valid (n, B) bool; reverse: run
 # t = n-1 .. 0; hbuf (2, B, H) (dot) or (2, H, N) (panel); c (H, N); out (n, B, H) receives each step's
-# h (zeros on rows past their length); acc (4, H, N) scratch; U hidden units per task (unit_block).
-# hbuf[0] holds h before the first step run and the halves alternate: the final h is in hbuf[n % 2].
+# h (zeros on rows past their length); acc (4, H, N) scratch.
+# hbuf[0] holds h before the first step run and the halves alternate: the final h is in hbuf[n % 2]. One
+# barrier per step suffices: a member writes hbuf[(s+1) % 2] only after every member has finished step
+# s - 1, the last step that read it.
 
-@njit(parallel=True, **FAST)
-def lstm_steps_panel(gx, w_hh, peep, has_peep, clip, input_forget, valid, reverse, hbuf, c, out, acc, U):
+@njit(**FAST)
+def lstm_steps_panel(gx, w_hh, peep, has_peep, clip, input_forget, valid, reverse, hbuf, c, out, acc,
+                     j0, j1, U, flags, me, members):
     n = gx.shape[0]
-    H = c.shape[0]
     for s in range(n):
         t = n - 1 - s if reverse else s
         hp, hn = hbuf[s % 2], hbuf[(s + 1) % 2]
-        # The last task takes the H % U leftover units too: a panel tile re-runs rows of its own task to
-        # cover a short tail, and a task of fewer than 8 units would write into its neighbour's rows.
-        ntask = max(1, H // U)
-        for k in prange(ntask):
-            _panel_block(gx[t], w_hh, peep, has_peep, clip, input_forget, valid[t], hp, hn, c, out[t], acc,
-                         k * U, H if k == ntask - 1 else k * U + U)
-
-
-@njit(parallel=True, **FAST)
-def lstm_steps_dot(gx, w_hh, peep, has_peep, clip, input_forget, valid, reverse, hbuf, c, out, acc, U):
-    n = gx.shape[0]
-    H = c.shape[0]
-    for s in range(n):
-        t = n - 1 - s if reverse else s
-        hp, hn = hbuf[s % 2], hbuf[(s + 1) % 2]
-        for k in prange(-(-H // U)):
-            _dot_block(gx[t], w_hh, peep, has_peep, clip, input_forget, valid[t], hp, hn, c, out[t], acc,
-                       k * U, min(H, k * U + U))
+        a = j0
+        while a < j1:
+            b = j1 if j1 - a < U + 8 else a + U  # a tail under 8 units joins the block before it
+            _panel_block(gx[t], w_hh, peep, has_peep, clip, input_forget, valid[t], hp, hn, c, out[t], acc, a, b)
+            a = b
+        arrive_wait(flags, me, members, s + 1)
 
 
 @njit(**FAST)
-def lstm_steps_dot_serial(gx, w_hh, peep, has_peep, clip, input_forget, valid, reverse, hbuf, c, out, acc, U):
-    """lstm_steps_dot without parallel regions, for steps too small to split."""
+def lstm_steps_dot(gx, w_hh, peep, has_peep, clip, input_forget, valid, reverse, hbuf, c, out, acc,
+                   j0, j1, U, flags, me, members):
     n = gx.shape[0]
-    H = c.shape[0]
     for s in range(n):
         t = n - 1 - s if reverse else s
         hp, hn = hbuf[s % 2], hbuf[(s + 1) % 2]
-        for j0 in range(0, H, U):
+        for a in range(j0, j1, U):
             _dot_block(gx[t], w_hh, peep, has_peep, clip, input_forget, valid[t], hp, hn, c, out[t], acc,
-                       j0, min(H, j0 + U))
+                       a, min(j1, a + U))
+        arrive_wait(flags, me, members, s + 1)
 
 
 def layout(B: int, H: int) -> tuple[bool, int]:

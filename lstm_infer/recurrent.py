@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from . import fused, kernels
+from . import fused, gang, kernels
 from .format import ACTIVATIONS, CELLS, DEFAULT_ACTIVATIONS, DIRECTIONS
 from .workers import Workers
 
@@ -115,12 +115,11 @@ def run_lstm_t(ly: Layer, dw: Direction, x: np.ndarray | None, h: np.ndarray, c:
     cT[:, :B] = c.T
     acc = wk.buffer("acc", 4, (H, N))
     out = np.empty((T, B, H), F32)
-    if panel:
-        steps = fused.lstm_steps_panel
-    else:
-        # a batch-1 step still reads all of W_hh: two cores stream it faster than one
-        steps = fused.lstm_steps_dot_serial if B * H * H < 1 << 16 else fused.lstm_steps_dot
+    steps = fused.lstm_steps_panel if panel else fused.lstm_steps_dot
     peep = bool(dw.peep.any())
+    U = fused.unit_block(N, H)
+    nm = fused.members(wk.threads, B, H, panel)
+    bounds = fused.shares(H, nm, panel)
     starts = range(0, T, chunk)
     for t0 in reversed(starts) if dw.reverse else starts:
         t1 = min(t0 + chunk, T)
@@ -130,13 +129,22 @@ def run_lstm_t(ly: Layer, dw: Direction, x: np.ndarray | None, h: np.ndarray, c:
             (kernels.gather_table_columns if columns else kernels.gather_table)(table, ids, gxs[:n])
         else:
             _input_projection(dw, x[t0:t1], gxs[:n], wk)
-        steps(gxs[:n], dw.w_hh, dw.peep, peep, ly.clip, ly.input_forget, valid[t0:t1], dw.reverse,
-              hbuf, cT, out[t0:t1], acc, fused.unit_block(N, H))
+        args = (gxs[:n], dw.w_hh, dw.peep, peep, ly.clip, ly.input_forget, valid[t0:t1], dw.reverse,
+                hbuf, cT, out[t0:t1], acc)
+        _gang_steps(wk, steps, args, bounds, U)
         if n % 2:  # the final h of the chunk is in hbuf[1]
             hbuf[0] = hbuf[1]
     h[...] = hbuf[0, :, :B].T if panel else hbuf[0]
     c[...] = cT[:, :B].T
     return out
+
+
+def _gang_steps(wk: Workers, steps, args: tuple, bounds: list[int], U: int) -> None:
+    """steps(*args, j0, j1, U, flags, me, members) on a gang of len(bounds) - 1 threads, member k owning
+    units bounds[k] .. bounds[k + 1]."""
+    members = len(bounds) - 1
+    flags = gang.new_flags(members)
+    wk.gang(lambda me, m: steps(*args, bounds[me], bounds[me + 1], U, flags, me, m), members)
 
 
 def table_fits(layers: list[Layer], vocab: int | None) -> bool:

@@ -25,6 +25,7 @@ class Workers:
         self.threads = threads
         self._pool: ThreadPoolExecutor | None = None
         self._local = threading.local()  # per calling thread: scratch buffers (buffer())
+        self._gang_lock = threading.Lock()
 
     def buffer(self, name: str, rows: int, shape: tuple[int, ...]) -> np.ndarray:
         """A zero-initialised float32 scratch array (rows, *shape), kept per calling thread and reused by the
@@ -54,6 +55,27 @@ class Workers:
         fn(bounds[0], bounds[1])  # the caller takes the first share
         for f in futures:
             f.result()
+
+    def gang(self, fn: Callable[[int, int], None], members: int) -> None:
+        """fn(me, members) for me = 0 .. members - 1 (at most ``threads``), all running at once: the members
+        wait for each other at spin barriers (gang.py), the caller being member 0.
+
+        One gang at a time per Workers: two gangs sharing the pool could each hold a worker spinning for a
+        member queued behind the other. A member that raises is re-raised here once the others finish,
+        which they can only do if it raised before its first barrier (the kernels raise nothing).
+        """
+        if members <= 1:
+            fn(0, 1)
+            return
+        if members > self.threads:
+            raise ValueError(f"a gang of {members} needs as many threads, not {self.threads}")
+        with self._gang_lock:
+            if self._pool is None:
+                self._pool = ThreadPoolExecutor(self.threads, thread_name_prefix="lstm-infer")
+            futures = [self._pool.submit(fn, k, members) for k in range(1, members)]
+            fn(0, members)
+            for f in futures:
+                f.result()
 
     def matmul(self, a: np.ndarray, b: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
         """a (M, K) @ b (K, N), split over the rows of the output (or its columns when M is small)."""

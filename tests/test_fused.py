@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from numba import njit
 
-from lstm_infer import kernels, recurrent
+from lstm_infer import fused, kernels, recurrent
 from lstm_infer.simd import rows_gemm
 from lstm_infer.workers import Workers
 from tests import naive
@@ -66,20 +66,34 @@ CASES = [  # B, H, peepholes, clip, input_forget, ragged, reverse
     (33, 19, True, 0.9, True, True, False),
     (70, 24, False, None, False, True, True),  # 80 columns: one 4-vector and one 1-vector tile
     (12, 5, False, None, False, False, False),  # H < 8: the dot layout even for a wide batch
+    # steps big enough for a gang of threads (fused.members): shares of 150 / 100 units (dot), 40 / 48 (panel)
+    (1, 300, False, None, False, False, False),
+    (5, 130, True, 0.7, False, True, True),
+    (20, 100, True, None, False, True, True),
 ]
 
 
 @pytest.mark.parametrize("B,H,peep,clip,input_forget,ragged,reverse", CASES)
-@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("threads", [1, 2, 3])
 def test_fused_lstm_direction(B, H, peep, clip, input_forget, ragged, reverse, threads):
     _check_direction(B, H, peep, clip, input_forget, ragged, reverse, threads)
 
 
-def test_fused_panel_tasks_own_their_rows():
-    """H = 19 splits into tasks of 8 and 11 units: a 3-unit tail task would re-run a tile over its
-    neighbour's rows while that neighbour applies its gates (a race that showed 1 run in ~5). Repeated."""
-    for _ in range(30):
-        _check_direction(33, 19, True, 0.9, True, True, False, 2)
+def test_fused_panel_shares_own_their_rows():
+    """H = 100 on 3 threads: shares of 32, 32 and 36 units, and blocks of at least 8 units in each (a short
+    block re-runs a tile over rows before it, which must be its own member's). Repeated: a race between
+    members shows only now and then."""
+    assert fused.shares(100, 3, True) == [0, 32, 64, 100]
+    for _ in range(20):
+        _check_direction(33, 100, True, 0.9, True, True, False, 3)
+
+
+def test_gang_members_and_shares():
+    assert fused.members(4, 1, 37, False) == 1  # too small to split
+    assert fused.members(4, 1, 300, False) == 4
+    assert fused.members(4, 32, 50, True) == 4 and fused.shares(50, 4, True) == [0, 8, 24, 32, 50]
+    assert fused.members(8, 32, 50, True) == 6  # panel shares of at least 8 units
+    assert fused.shares(10, 3, False) == [0, 3, 6, 10]
 
 
 def _check_direction(B, H, peep, clip, input_forget, ragged, reverse, threads):
