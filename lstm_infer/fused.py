@@ -23,7 +23,7 @@ Shapes: n steps, B batch rows, H hidden units (no projection: P = H), G = 4H.
 from __future__ import annotations
 
 import numpy as np
-from numba import njit
+from numba import njit, prange
 
 from .gang import arrive_wait
 from .kernels import FAST, _clip, fsigmoid, ftanh
@@ -193,11 +193,15 @@ def shares(H: int, members: int, panel: bool) -> list[int]:
     return [8 * (H // 8 * k // members) for k in range(members)] + [H]
 
 
-def members(threads: int, B: int, H: int, panel: bool) -> int:
-    """Gang size for B rows of H units: one thread for steps too small to split (a 37-unit batch-1 step
-    is ~1 us), and shares of at least 8 units in the panel layout."""
-    if B * H * H < 1 << 16:
+def members(threads: int, n: int, B: int, H: int, panel: bool) -> int:
+    """Gang size for n steps of B rows of H units; 0: a Numba parallel region per step instead (the _regions
+    loops). One thread for steps too small to split (a 37-unit batch-1 step is ~1 us). A chunk too short
+    to pay for handing work to another thread (20-50 us through the pool, more on a busy host), such as
+    the step API's single step, takes the regions (5-10 us each). Panel shares are at least 8 units."""
+    if threads == 1 or B * H * H < 1 << 16:
         return 1
+    if n * B * H * H < 1 << 20:
+        return 0
     return max(1, min(threads, H // 8)) if panel else min(threads, H)
 
 
@@ -239,6 +243,36 @@ def lstm_steps_dot(gx, w_hh, peep, has_peep, clip, input_forget, valid, reverse,
             _dot_block(gx[t], w_hh, peep, has_peep, clip, input_forget, valid[t], hp, hn, c, out[t], acc,
                        a, min(j1, a + U))
         arrive_wait(flags, me, members, s + 1)
+
+
+# The same loops with a Numba parallel region per step over blocks of U units (members() == 0); the gang
+# arguments are unused, and j0, j1 must be 0, H.
+
+@njit(parallel=True, **FAST)
+def lstm_steps_panel_regions(gx, w_hh, peep, has_peep, clip, input_forget, valid, reverse, hbuf, c, out, acc,
+                             j0, j1, U, flags, me, members):
+    n = gx.shape[0]
+    H = c.shape[0]
+    for s in range(n):
+        t = n - 1 - s if reverse else s
+        hp, hn = hbuf[s % 2], hbuf[(s + 1) % 2]
+        ntask = max(1, H // U)  # the last task takes the leftover units (at least 8 per task, see shares())
+        for k in prange(ntask):
+            _panel_block(gx[t], w_hh, peep, has_peep, clip, input_forget, valid[t], hp, hn, c, out[t], acc,
+                         k * U, H if k == ntask - 1 else k * U + U)
+
+
+@njit(parallel=True, **FAST)
+def lstm_steps_dot_regions(gx, w_hh, peep, has_peep, clip, input_forget, valid, reverse, hbuf, c, out, acc,
+                           j0, j1, U, flags, me, members):
+    n = gx.shape[0]
+    H = c.shape[0]
+    for s in range(n):
+        t = n - 1 - s if reverse else s
+        hp, hn = hbuf[s % 2], hbuf[(s + 1) % 2]
+        for k in prange(-(-H // U)):
+            _dot_block(gx[t], w_hh, peep, has_peep, clip, input_forget, valid[t], hp, hn, c, out[t], acc,
+                       k * U, min(H, k * U + U))
 
 
 def layout(B: int, H: int) -> tuple[bool, int]:

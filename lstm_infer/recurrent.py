@@ -116,10 +116,9 @@ def run_lstm_t(ly: Layer, dw: Direction, x: np.ndarray | None, h: np.ndarray, c:
     acc = wk.buffer("acc", 4, (H, N))
     out = np.empty((T, B, H), F32)
     steps = fused.lstm_steps_panel if panel else fused.lstm_steps_dot
+    regions = fused.lstm_steps_panel_regions if panel else fused.lstm_steps_dot_regions
     peep = bool(dw.peep.any())
     U = fused.unit_block(N, H)
-    nm = fused.members(wk.threads, B, H, panel)
-    bounds = fused.shares(H, nm, panel)
     starts = range(0, T, chunk)
     for t0 in reversed(starts) if dw.reverse else starts:
         t1 = min(t0 + chunk, T)
@@ -131,7 +130,11 @@ def run_lstm_t(ly: Layer, dw: Direction, x: np.ndarray | None, h: np.ndarray, c:
             _input_projection(dw, x[t0:t1], gxs[:n], wk)
         args = (gxs[:n], dw.w_hh, dw.peep, peep, ly.clip, ly.input_forget, valid[t0:t1], dw.reverse,
                 hbuf, cT, out[t0:t1], acc)
-        _gang_steps(wk, steps, args, bounds, U)
+        members = fused.members(wk.threads, n, B, H, panel)
+        if members:
+            _gang_steps(wk, steps, args, fused.shares(H, members, panel), U)
+        else:  # Numba's threads: Model._threads set their count
+            regions(*args, 0, H, U, gang.new_flags(1), 0, 1)
         if n % 2:  # the final h of the chunk is in hbuf[1]
             hbuf[0] = hbuf[1]
     h[...] = hbuf[0, :, :B].T if panel else hbuf[0]

@@ -66,10 +66,13 @@ CASES = [  # B, H, peepholes, clip, input_forget, ragged, reverse
     (33, 19, True, 0.9, True, True, False),
     (70, 24, False, None, False, True, True),  # 80 columns: one 4-vector and one 1-vector tile
     (12, 5, False, None, False, False, False),  # H < 8: the dot layout even for a wide batch
-    # steps big enough for a gang of threads (fused.members): shares of 150 / 100 units (dot), 40 / 48 (panel)
-    (1, 300, False, None, False, False, False),
-    (5, 130, True, 0.7, False, True, True),
+    # chunks big enough for a gang of threads (fused.members): shares of 160 / 70 units (dot), 40 / 48 (panel)
+    (1, 320, False, None, False, False, False),
+    (5, 140, True, 0.7, False, True, True),
     (20, 100, True, None, False, True, True),
+    # steps big enough to split, chunks too short for a gang: a parallel region per step
+    (2, 200, True, 0.7, False, True, False),
+    (16, 70, False, None, True, True, True),
 ]
 
 
@@ -89,10 +92,12 @@ def test_fused_panel_shares_own_their_rows():
 
 
 def test_gang_members_and_shares():
-    assert fused.members(4, 1, 37, False) == 1  # too small to split
-    assert fused.members(4, 1, 300, False) == 4
-    assert fused.members(4, 32, 50, True) == 4 and fused.shares(50, 4, True) == [0, 8, 24, 32, 50]
-    assert fused.members(8, 32, 50, True) == 6  # panel shares of at least 8 units
+    assert fused.members(4, 100, 1, 37, False) == 1  # too small to split
+    assert fused.members(1, 100, 1, 512, False) == 1
+    assert fused.members(4, 1, 1, 512, False) == 0  # one batch-1 step: a parallel region, not a gang
+    assert fused.members(4, 4, 1, 512, False) == 4
+    assert fused.members(4, 16, 32, 50, True) == 4 and fused.shares(50, 4, True) == [0, 8, 24, 32, 50]
+    assert fused.members(8, 16, 32, 50, True) == 6  # panel shares of at least 8 units
     assert fused.shares(10, 3, False) == [0, 3, 6, 10]
 
 
