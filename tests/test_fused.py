@@ -133,20 +133,22 @@ def test_gather_table():
 
 @pytest.mark.parametrize("B", [3, 20])
 @pytest.mark.parametrize("columns", [True, False])
-def test_token_table_path_matches_torch(B, columns, tmp_path, monkeypatch):
+@pytest.mark.parametrize("H", [24, 128])
+def test_token_table_path_matches_torch(B, columns, H, tmp_path, monkeypatch):
     """Scoring through layer 0's token table (dot and panel layouts, either table orientation) = PyTorch =
-    the embedding + GEMM path."""
+    the embedding + GEMM path. H = 128: a gang of 2 whose members gather their own units' rows."""
     torch = pytest.importorskip("torch")
     from tests.util import engine_from_torch, scramble
 
     torch.manual_seed(0)
-    V, E, H = 40, 6, 24
+    V, E = 40, 6
     emb, rnn, head = torch.nn.Embedding(V, E), torch.nn.LSTM(E, H, 2), torch.nn.Linear(H, V)
     for m in (emb, rnn, head):
         scramble(m, 3, scale=0.8)
     monkeypatch.setattr(recurrent, "TABLE_COLUMNS_V", V if columns else V - 1)
     model = engine_from_torch(rnn.eval(), "lstm", tmp_path, embedding=emb, head=head, threads=2)
-    ids, tgt = rng.integers(0, V, (13, B)), rng.integers(0, V, (13, B))
+    T = 13 if H == 24 else 24  # H = 128: chunks long enough for a gang (fused.members)
+    ids, tgt = rng.integers(0, V, (T, B)), rng.integers(0, V, (T, B))
     with torch.no_grad():
         ref = torch.log_softmax(head(rnn(emb(torch.from_numpy(ids)))[0]), -1).numpy()
     lp, _ = model.target_log_probs(ids, tgt)
