@@ -306,7 +306,7 @@ def head_blocks(head_w, head_b, f, ident, n, nblk, acc, logits, bmax, bsum):
     """logits[b] (K,) = head_w (K, F) @ f[b] + head_b for rows b < n, in nblk vocabulary blocks.
 
     Per block and row also the max (bmax (R, nblk)) and sum of exp(logit - max) (bsum), so that the
-    log-sum-exp needs no second pass over the vocabulary. acc (nblk, 4, 4) scratch.
+    log-sum-exp needs no second pass over the vocabulary. acc (nblk, 4, 5) scratch.
     """
     K = head_w.shape[0]
     for blk in prange(nblk):
@@ -314,13 +314,15 @@ def head_blocks(head_w, head_b, f, ident, n, nblk, acc, logits, bmax, bsum):
         a = acc[blk]
         for v in range(lo, hi, 4):
             r1, r2, r3 = min(v + 1, hi - 1), min(v + 2, hi - 1), min(v + 3, hi - 1)  # a short tail repeats
-            for b0 in range(0, n, 4):
-                nb = min(4, n - b0)
+            b0 = 0
+            while b0 < n:  # rows in fours, a last five in one pass (beam 5, medium head: 1.21 -> 1.05-1.18 ms)
+                nb = _group(n, b0)
                 a[:, :] = _ZERO
                 _dots(head_w[v], head_w[r1], head_w[r2], head_w[r3], f, ident, b0, nb, a)
                 for q in range(nb):
                     for r in range(min(4, hi - v)):
                         logits[b0 + q, v + r] = a[r, q] + head_b[v + r]
+                b0 += nb
         for b in range(n):
             lb = logits[b]
             m = -BIG
@@ -336,7 +338,7 @@ def head_blocks(head_w, head_b, f, ident, n, nblk, acc, logits, bmax, bsum):
 @njit(**FAST)
 def head_lse(head_w, head_b, f, ident, n, nblk, logits, bmax, bsum, lse):
     """Logits of rows b < n into logits (R, K) and their log-sum-exp into lse (R,) float64."""
-    head_blocks(head_w, head_b, f, ident, n, nblk, np.empty((nblk, 4, 4), F32), logits, bmax, bsum)
+    head_blocks(head_w, head_b, f, ident, n, nblk, np.empty((nblk, 4, 5), F32), logits, bmax, bsum)
     for b in range(n):
         m = -BIG
         for k in range(nblk):
