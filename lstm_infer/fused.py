@@ -25,7 +25,7 @@ from __future__ import annotations
 import numpy as np
 from numba import njit, prange
 
-from .gang import arrive_wait
+from .gang import finish, take, wait_all
 from .kernels import FAST, _clip, fsigmoid, ftanh
 from .simd import LANES, rows_gemm
 
@@ -179,30 +179,38 @@ def _panel_block(gx, w_hh, peep, has_peep, clip, input_forget, valid, hp, hn, c,
 
 
 def unit_block(B: int, H: int) -> int:
-    """Hidden units per block of a member's share: at least 8 (a panel tile), at most 512 / B (a block's
-    gate loop spans ~512 elements), and at most H / 8."""
-    return max(1, min(H, max(8, min(-(-512 // B), -(-H // 8)))))
+    """Hidden units per block: at least 8 (a panel tile), at most 512 / B (a block's gate loop spans ~512
+    elements), and at most H / 4, so that a gang of 2 can even out a late member. (H / 8 cost a batch-1
+    step ~3% in counter traffic: 8 blocks' atomics per step.)"""
+    return max(1, min(H, max(8, min(-(-512 // B), -(-H // 4)))))
 
 
-def shares(H: int, members: int, panel: bool) -> list[int]:
-    """Bounds of each gang member's hidden units (members + 1 values). Panel shares are multiples of 8 units
-    but the last, and at least 8: a panel tile re-runs rows of its own share to cover a short tail, so a
-    share of fewer than 8 units would write into its neighbour's rows."""
-    if not panel:
-        return [H * k // members for k in range(members + 1)]
-    return [8 * (H // 8 * k // members) for k in range(members)] + [H]
+def blocks(H: int, U: int, panel: bool) -> int:
+    """Blocks of (about) U units in a step. Panel blocks have at least 8 units: the last takes the H % U
+    leftover, because a panel tile re-runs rows of its own block to cover a short tail and a block of
+    fewer than 8 units would write into its neighbour's rows."""
+    return max(1, H // U) if panel else -(-H // U)
+
+
+@njit(inline="always", **FAST)
+def _block(k, nblk, U, H, panel):
+    """Units [j0, j1) of block k (see blocks())."""
+    if panel:
+        return k * U, (H if k == nblk - 1 else k * U + U)
+    return k * U, min(H, k * U + U)
 
 
 def members(threads: int, n: int, B: int, H: int, panel: bool) -> int:
     """Gang size for n steps of B rows of H units; 0: a Numba parallel region per step instead (the _regions
     loops). One thread for steps too small to split (a 37-unit batch-1 step is ~1 us). A chunk too short
     to pay for handing work to another thread (20-50 us through the pool, more on a busy host), such as
-    the step API's single step, takes the regions (5-10 us each). Panel shares are at least 8 units."""
+    the step API's single step, takes the regions (5-10 us each)."""
     if threads == 1 or B * H * H < 1 << 16:
         return 1
     if n * B * H * H < 1 << 20:
         return 0
-    return max(1, min(threads, H // 8)) if panel else min(threads, H)
+    N = -(-B // LANES) * LANES if panel else B  # layout()'s columns
+    return max(1, min(threads, blocks(H, unit_block(N, H), panel)))
 
 
 @njit(**FAST)
@@ -224,75 +232,83 @@ def _gather_units(table, columns, ids, gx, j0, j1):
 
 
 # The step loops, one per layout: with both blocks inlined behind a branch in one loop body, the panel
-# steps ran 30% slower (193 vs 150 us per step, H=512, B=32, 2 threads). Each is run by every member of a
-# gang (gang.py) on its own units j0 .. j1, in blocks of U (unit_block); ``flags``, ``me`` and ``members``
-# are the gang's. A member meets the others after each step: the next step reads all of h.
+# steps ran 30% slower (193 vs 150 us per step, H=512, B=32, 2 threads). Every member ``me`` of a gang
+# (gang.py) runs the loop, taking blocks of U units (unit_block, blocks()) from ``counters``
+# (gang.new_counters(n, members)) until the step has none left, then waiting for the step to finish: the
+# next step reads all of h.
 # Arguments: gx (n, 4H, N) input projections with the bias (kernels.gather_steps); w_hh (4H, H);
 # peep (3, H) read only when has_peep; clip float32 (BIG: none); valid (n, B) bool; reverse: run
 # t = n-1 .. 0; hbuf (2, B, H) (dot) or (2, H, N) (panel); c (H, N); out (n, B, H) receives each step's
 # h (zeros on rows past their length); acc (4, H, N) scratch.
 # Panel layout with a layer-0 token table (table.shape[0] > 0; an empty (0, 0) array otherwise): gx is one
-# step's (1, 4H, N) scratch instead, and each member copies its units' rows for tokens ids (n, B) into it
-# just before using them (_gather_units), so they stay in L1; a gather of the whole chunk beforehand wrote
-# 256 KB per step (B=32, H=512) out to L3 and read it back: 2.7-3 ms of a bundled-model batch, which went
-# from 29.7 to 28.5 ms.
-# hbuf[0] holds h before the first step run and the halves alternate: the final h is in hbuf[n % 2]. One
-# barrier per step suffices: a member writes hbuf[(s+1) % 2] only after every member has finished step
-# s - 1, the last step that read it.
+# step's (1, 4H, N) scratch instead, and whoever takes a block copies its units' rows for tokens ids (n, B)
+# into it just before using them (_gather_units), so they stay in L1; a gather of the whole chunk
+# beforehand wrote 256 KB per step (B=32, H=512) out to L3 and read it back: 2.7-3 ms of a bundled-model
+# batch, which went from 29.7 to 28.5 ms.
+# hbuf[0] holds h before the first step run and the halves alternate: the final h is in hbuf[n % 2]. A
+# block of step s writes hbuf[(s+1) % 2], which step s - 1 read: every block of it had finished.
 
 @njit(**FAST)
 def lstm_steps_panel(gx, w_hh, peep, has_peep, clip, input_forget, valid, reverse, hbuf, c, out, acc,
-                     table, columns, ids, j0, j1, U, flags, me, members):
+                     table, columns, ids, U, counters, me, members):
     n = valid.shape[0]
+    H = c.shape[0]
+    nblk = max(1, H // U)
     tok = table.shape[0] > 0
     for s in range(n):
         t = n - 1 - s if reverse else s
         hp, hn = hbuf[s % 2], hbuf[(s + 1) % 2]
         gt = gx[0] if tok else gx[t]
-        a = j0
-        while a < j1:
-            b = j1 if j1 - a < U + 8 else a + U  # a tail under 8 units joins the block before it
+        k = take(counters, s, me, members, nblk)
+        while k >= 0:
+            a, b = _block(k, nblk, U, H, True)
             if tok:
                 _gather_units(table, columns, ids[t], gt, a, b)
             _panel_block(gt, w_hh, peep, has_peep, clip, input_forget, valid[t], hp, hn, c, out[t], acc, a, b)
-            a = b
-        arrive_wait(flags, me, members, s + 1)
+            finish(counters, s, members)
+            k = take(counters, s, me, members, nblk)
+        wait_all(counters, s, members, nblk)
 
 
 @njit(**FAST)
 def lstm_steps_dot(gx, w_hh, peep, has_peep, clip, input_forget, valid, reverse, hbuf, c, out, acc,
-                   table, columns, ids, j0, j1, U, flags, me, members):
+                   table, columns, ids, U, counters, me, members):
     """The table arguments are unused: the dot layout always reads a gathered gx (see recurrent.py)."""
     n = gx.shape[0]
+    H = c.shape[0]
+    nblk = -(-H // U)
     for s in range(n):
         t = n - 1 - s if reverse else s
         hp, hn = hbuf[s % 2], hbuf[(s + 1) % 2]
-        for a in range(j0, j1, U):
-            _dot_block(gx[t], w_hh, peep, has_peep, clip, input_forget, valid[t], hp, hn, c, out[t], acc,
-                       a, min(j1, a + U))
-        arrive_wait(flags, me, members, s + 1)
+        k = take(counters, s, me, members, nblk)
+        while k >= 0:
+            a, b = _block(k, nblk, U, H, False)
+            _dot_block(gx[t], w_hh, peep, has_peep, clip, input_forget, valid[t], hp, hn, c, out[t], acc, a, b)
+            finish(counters, s, members)
+            k = take(counters, s, me, members, nblk)
+        wait_all(counters, s, members, nblk)
 
 
-# The same loops with a Numba parallel region per step over blocks of U units (members() == 0), on a
-# gathered gx (n, 4H, N): j0, j1 must be 0, H, and the table and gang arguments are unused.
+# The same loops with a Numba parallel region per step over the blocks (members() == 0), on a gathered gx
+# (n, 4H, N); the table arguments are unused.
 
 @njit(parallel=True, **FAST)
 def lstm_steps_panel_regions(gx, w_hh, peep, has_peep, clip, input_forget, valid, reverse, hbuf, c, out, acc,
-                             table, columns, ids, j0, j1, U, flags, me, members):
+                             table, columns, ids, U):
     n = gx.shape[0]
     H = c.shape[0]
     for s in range(n):
         t = n - 1 - s if reverse else s
         hp, hn = hbuf[s % 2], hbuf[(s + 1) % 2]
-        ntask = max(1, H // U)  # the last task takes the leftover units (at least 8 per task, see shares())
-        for k in prange(ntask):
-            _panel_block(gx[t], w_hh, peep, has_peep, clip, input_forget, valid[t], hp, hn, c, out[t], acc,
-                         k * U, H if k == ntask - 1 else k * U + U)
+        nblk = max(1, H // U)
+        for k in prange(nblk):
+            a, b = _block(k, nblk, U, H, True)
+            _panel_block(gx[t], w_hh, peep, has_peep, clip, input_forget, valid[t], hp, hn, c, out[t], acc, a, b)
 
 
 @njit(parallel=True, **FAST)
 def lstm_steps_dot_regions(gx, w_hh, peep, has_peep, clip, input_forget, valid, reverse, hbuf, c, out, acc,
-                           table, columns, ids, j0, j1, U, flags, me, members):
+                           table, columns, ids, U):
     n = gx.shape[0]
     H = c.shape[0]
     for s in range(n):

@@ -8,6 +8,7 @@ pass ends on each row's last valid state and a reverse pass starts at each row's
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import numpy as np
@@ -141,9 +142,9 @@ def run_lstm_t(ly: Layer, dw: Direction, x: np.ndarray | None, h: np.ndarray, c:
                 _input_projection(dw, x[t0:t1], gxs[:n], wk)
             args = (gxs[:n], *common, no_table, False, no_ids)
         if members:
-            _gang_steps(wk, steps, args, fused.shares(H, members, panel), U)
+            wk.gang(functools.partial(_member, steps, (*args, U, gang.new_counters(n, members))), members)
         else:  # Numba's threads: Model._threads set their count
-            regions(*args, 0, H, U, gang.new_flags(1), 0, 1)
+            regions(*args, U)
         if n % 2:  # the final h of the chunk is in hbuf[1]
             hbuf[0] = hbuf[1]
     h[...] = hbuf[0, :, :B].T if panel else hbuf[0]
@@ -151,12 +152,9 @@ def run_lstm_t(ly: Layer, dw: Direction, x: np.ndarray | None, h: np.ndarray, c:
     return out
 
 
-def _gang_steps(wk: Workers, steps, args: tuple, bounds: list[int], U: int) -> None:
-    """steps(*args, j0, j1, U, flags, me, members) on a gang of len(bounds) - 1 threads, member k owning
-    units bounds[k] .. bounds[k + 1]."""
-    members = len(bounds) - 1
-    flags = gang.new_flags(members)
-    wk.gang(lambda me, m: steps(*args, bounds[me], bounds[me + 1], U, flags, me, m), members)
+def _member(steps, args: tuple, me: int, members: int) -> None:
+    """One gang member's run of a chunk's steps (fused.py)."""
+    steps(*args, me, members)
 
 
 def table_fits(layers: list[Layer], vocab: int | None) -> bool:

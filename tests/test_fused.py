@@ -66,7 +66,7 @@ CASES = [  # B, H, peepholes, clip, input_forget, ragged, reverse
     (33, 19, True, 0.9, True, True, False),
     (70, 24, False, None, False, True, True),  # 80 columns: one 4-vector and one 1-vector tile
     (12, 5, False, None, False, False, False),  # H < 8: the dot layout even for a wide batch
-    # chunks big enough for a gang of threads (fused.members): shares of 160 / 70 units (dot), 40 / 48 (panel)
+    # chunks big enough for a gang of threads (fused.members), which share each step's blocks of units
     (1, 320, False, None, False, False, False),
     (5, 140, True, 0.7, False, True, True),
     (20, 100, True, None, False, True, True),
@@ -82,23 +82,24 @@ def test_fused_lstm_direction(B, H, peep, clip, input_forget, ragged, reverse, t
     _check_direction(B, H, peep, clip, input_forget, ragged, reverse, threads)
 
 
-def test_fused_panel_shares_own_their_rows():
-    """H = 100 on 3 threads: shares of 32, 32 and 36 units, and blocks of at least 8 units in each (a short
-    block re-runs a tile over rows before it, which must be its own member's). Repeated: a race between
-    members shows only now and then."""
-    assert fused.shares(100, 3, True) == [0, 32, 64, 100]
-    for _ in range(20):
+def test_fused_panel_blocks_own_their_rows():
+    """Panel blocks of at least 8 units: H = 19 in blocks of 8 and 11 (a 3-unit tail block would re-run a
+    tile over its neighbour's rows while another thread applies that block's gates), H = 100 in eight
+    blocks of 11 and one of 12, on 2 and 3 threads. Repeated: a race shows only now and then."""
+    assert fused.blocks(19, 8, True) == 2 and fused.blocks(100, 11, True) == 9
+    assert fused.members(2, 37, 200, 19, True) == 2 and fused.members(3, 11, 33, 100, True) == 3
+    for _ in range(10):
+        _check_direction(200, 19, True, 0.9, True, True, False, 2)
         _check_direction(33, 100, True, 0.9, True, True, False, 3)
 
 
-def test_gang_members_and_shares():
+def test_gang_members_and_blocks():
     assert fused.members(4, 100, 1, 37, False) == 1  # too small to split
     assert fused.members(1, 100, 1, 512, False) == 1
     assert fused.members(4, 1, 1, 512, False) == 0  # one batch-1 step: a parallel region, not a gang
     assert fused.members(4, 4, 1, 512, False) == 4
-    assert fused.members(4, 16, 32, 50, True) == 4 and fused.shares(50, 4, True) == [0, 8, 24, 32, 50]
-    assert fused.members(8, 16, 32, 50, True) == 6  # panel shares of at least 8 units
-    assert fused.shares(10, 3, False) == [0, 3, 6, 10]
+    assert fused.unit_block(32, 50) == 13 and fused.members(8, 16, 32, 50, True) == 3  # no more than blocks
+    assert fused.blocks(50, 8, True) == 6 and fused.blocks(10, 3, False) == 4
 
 
 def _check_direction(B, H, peep, clip, input_forget, ragged, reverse, threads):
@@ -147,7 +148,9 @@ def test_token_table_path_matches_torch(B, columns, H, tmp_path, monkeypatch):
         scramble(m, 3, scale=0.8)
     monkeypatch.setattr(recurrent, "TABLE_COLUMNS_V", V if columns else V - 1)
     model = engine_from_torch(rnn.eval(), "lstm", tmp_path, embedding=emb, head=head, threads=2)
-    T = 13 if H == 24 else 24  # H = 128: chunks long enough for a gang (fused.members)
+    # H = 128: chunks long enough for a gang (fused.members), short enough that this chaotic (scrambled)
+    # model's float32 rounding does not grow past the tolerance
+    T = 13 if H == 24 else (24 if B == 3 else 8)
     ids, tgt = rng.integers(0, V, (T, B)), rng.integers(0, V, (T, B))
     with torch.no_grad():
         ref = torch.log_softmax(head(rnn(emb(torch.from_numpy(ids)))[0]), -1).numpy()
