@@ -1,14 +1,17 @@
-"""Block sharing among a gang of threads (lstm_infer/gang.py), as the fused LSTM steps use it."""
+"""Block sharing among a gang of threads (lstm_infer/gang.py), as the fused LSTM steps use it, and how
+workers.py starts a gang."""
 
 from __future__ import annotations
 
+import os
+import threading
 import time
 
 import numpy as np
 import pytest
 from numba import njit
 
-from lstm_infer import gang
+from lstm_infer import gang, workers
 from lstm_infer.workers import Workers
 
 
@@ -53,3 +56,28 @@ def test_every_block_once_and_no_step_left_early(members, blocks, late):
 def test_gang_needs_enough_threads():
     with pytest.raises(ValueError, match="needs as many threads"):
         Workers(2).gang(lambda me, n: None, 3)
+
+
+@pytest.mark.skipif(not hasattr(os, "sched_setaffinity") or workers._GETCPU is None, reason="Linux only")
+def test_worker_moves_off_the_callers_cpu_and_keeps_its_affinity():
+    """_off_cpu runs fn(*args) on another CPU than ``caller`` (given as the CPU it is on) and leaves the
+    thread's allowed CPUs as they were."""
+    seen = {}
+
+    def probe(a: int, b: int) -> None:
+        seen["args"], seen["cpu"], seen["allowed"] = (a, b), workers._current_cpu(), os.sched_getaffinity(0)
+
+    def run() -> None:
+        before = os.sched_getaffinity(0)
+        here = min(before)
+        os.sched_setaffinity(0, {here})  # now on CPU ``here``; widening again does not move the thread
+        os.sched_setaffinity(0, before)
+        workers._off_cpu(here, probe, 3, 4)
+        seen["before"], seen["here"] = before, here
+
+    t = threading.Thread(target=run)
+    t.start()
+    t.join()
+    assert seen["args"] == (3, 4) and seen["allowed"] == seen["before"]
+    if len(seen["before"]) > 1:
+        assert seen["cpu"] != seen["here"]
