@@ -12,6 +12,7 @@ from __future__ import annotations
 import ctypes
 import os
 import threading
+import weakref
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 
@@ -56,6 +57,21 @@ def _off_cpu(caller: int, fn: Callable[..., None], *args: int) -> None:
     fn(*args)
 
 
+_LIVE: weakref.WeakSet = weakref.WeakSet()  # every Workers, for _after_fork
+
+
+def _after_fork() -> None:
+    """In a forked child the pool's threads do not exist: a task sent to them would wait forever (a model
+    used before multiprocessing's fork hung in the child). Each Workers starts a fresh pool on next use."""
+    for w in list(_LIVE):
+        w._pool = None
+        w._gang_lock = threading.Lock()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_after_fork)
+
+
 class Workers:
     """``threads`` worker threads, started on first use; ``threads=1`` runs everything inline."""
 
@@ -64,6 +80,7 @@ class Workers:
         self._pool: ThreadPoolExecutor | None = None
         self._local = threading.local()  # per calling thread: scratch buffers (buffer())
         self._gang_lock = threading.Lock()
+        _LIVE.add(self)
 
     def buffer(self, name: str, rows: int, shape: tuple[int, ...]) -> np.ndarray:
         """A zero-initialised float32 scratch array (rows, *shape), kept per calling thread and reused by the

@@ -81,3 +81,32 @@ def test_worker_moves_off_the_callers_cpu_and_keeps_its_affinity():
     assert seen["args"] == (3, 4) and seen["allowed"] == seen["before"]
     if len(seen["before"]) > 1:
         assert seen["cpu"] != seen["here"]
+
+
+def _split_sum(wk: Workers) -> int:
+    out = np.zeros(8, np.int64)
+
+    def part(s: int, e: int) -> None:
+        out[s:e] = np.arange(s, e)
+
+    wk.split(part, 8)
+    wk.gang(lambda me, n: None, 2)
+    return int(out.sum())
+
+
+_FORKED = Workers(2)
+
+
+def _in_child(_: int) -> int:
+    return _split_sum(_FORKED)
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork")
+def test_pool_works_in_a_forked_child():
+    """A pool started before a fork has no threads in the child: without a fresh pool, the child's first
+    split or gang waited forever."""
+    import multiprocessing
+
+    assert _split_sum(_FORKED) == 28  # the pool's threads exist in this process now
+    with multiprocessing.get_context("fork").Pool(1) as pool:
+        assert pool.map_async(_in_child, [0]).get(timeout=30) == [28]
