@@ -41,3 +41,13 @@ def test_tiny_run_makes_table_and_agrees(tmp_path):
     assert ours["batched_max_abs_diff"] <= 1e-4
     assert ours["greedy_equal"] is True
     assert not res["failures"]
+
+
+def test_denormals_script_measures_denormal_states():
+    """benchmarks/denormals.py really feeds denormal h into the steps (else it measures nothing)."""
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    import denormals
+
+    _, share = denormals.per_step(1, 64, 1e-39, n=8, runs=1)
+    _, none = denormals.per_step(1, 64, 1e-3, n=8, runs=1)
+    assert share == 1.0 and none == 0.0
