@@ -5,19 +5,21 @@ Python runs per token. The pickers and the beam update are plain @njit functions
 ``Model.step`` fallback in decoding.py calls too, so both paths choose tokens by the same code.
 
 ``net`` (built once per Model by decoding.py) is a tuple
-``(cell, flags, w, woff, isz, bias, table, b_hn, w_hr, emb, head_w, head_b)``:
+``(cell, flags, w, woff, isz, bias, table, b_hn, w_hr, emb, head_w, head_b, Hp)``:
 
     cell   int         0 lstm, 1 gru, 2 rnn; every layer the same cell, H and P
     flags  (L, 2)      int64 per layer: linear_before_reset, activation code (rnn: 1 tanh, 2 relu)
-    w      (sum_l H*G*K_l,) float32: layer l at w[woff[l]:woff[l+1]] viewed (H, G, K_l), K_l = I_l + P:
-                        row [j, g] = [W_ih row g*H+j | W_hh row g*H+j], so one hidden unit's weights
-                        for all gates sit together and each thread streams its own block of units
+    w      float32, layer l at w[woff[l]:woff[l+1]], K_l = I_l + P. An LSTM without projection (Hp > 0):
+                        (Hp/16, K_l, 64) panels of 16 units, Hp = H rounded up to 16 (zero padding),
+                        panel u's row k = [gate i, f, g, o of units 16u .. 16u+15] (lstm_cells_t).
+                        Otherwise (H, G, K_l): row [j, g] = [W_ih row g*H+j | W_hh row g*H+j], one
+                        unit's weights for all gates together (lstm_cells and the other cells)
     woff   (L+1,) int64,  isz (L,) int64 input size I_l (0 for layer 0 when the table replaces W_ih)
     bias   (L, 1, H, G) summed biases (gru: n keeps b_in)
     table  (V, H, G)   W_ih emb[v] + bias of layer 0 for every token v, or (0, H, G): one row read per
                         token instead of all of W_ih
     b_hn   (L, H)      gru recurrent bias of n,  w_hr (L, P, H) lstm projection, (L, 0, 0) without
-    emb    (V, E),  head_w (K, F),  head_b (K,)
+    emb    (V, E),  head_w (K, F),  head_b (K,),  Hp int (0: w is not in panels)
 
 State lives in double buffers: hbuf (2, L, R, P), cbuf (2, L, R, H). A step reads the ``cur`` half and
 writes the other; row b continues from row ``par[b]`` of the old half, which is how beams reorder
@@ -31,6 +33,7 @@ from numba import njit, prange
 
 from .fused import dot4x1, dot4x4
 from .kernels import BIG, FAST, fsigmoid, ftanh
+from .simd import SMALL_ROWS, small_rows
 
 F32 = np.float32
 _ZERO, _ONE, _HALF = F32(0.0), F32(1.0), F32(0.5)
@@ -253,14 +256,53 @@ def rnn_cells(w, pre, prow, act, x, hp, par, ident, n, acc, h_out):
                 h_out[b0 + q, j] = ftanh(s) if act == 1 else max(s, _ZERO)
 
 
+@njit(parallel=True, **FAST)
+def lstm_cells_t(wt, Hp, pre, prow, x, hp, cp, par, n, c_out, y_out):
+    """lstm_cells on a transposed layer: wt (Hp/16, K = I + P, 64), panel u's column g*16 + l holding gate
+    g of unit u*16 + l. Each panel is a small GEMM, rows [x[b] | hp[par[b]]] times its 64 columns
+    (simd.small_rows: weights along the vector lanes, one broadcast per row and k, no horizontal sums;
+    the panel streams front to back), then the gates of its units."""
+    H, I = c_out.shape[1], x.shape[1]
+    K = wt.shape[1]
+    z = np.empty((n, K), F32)
+    for b in range(n):
+        for k in range(I):
+            z[b, k] = x[b, k]
+        hb = hp[par[b]]
+        for k in range(K - I):
+            z[b, I + k] = hb[k]
+    nblk = Hp // 16
+    out = np.empty((nblk, n, 64), F32)
+    for u in prange(nblk):
+        o = out[u]
+        b0 = 0
+        while b0 < n:
+            nr = min(SMALL_ROWS, n - b0)
+            small_rows(nr, z[b0:].ctypes.data, K, wt[u].ctypes.data, 64, K, o[b0:].ctypes.data, 64)
+            b0 += nr
+        for b in range(n):
+            ob, pb, cpb = o[b], pre[prow[b]], cp[par[b]]
+            for q in range(16):
+                j = u * 16 + q
+                if j < H:
+                    ig, fg = fsigmoid(pb[j, 0] + ob[q]), fsigmoid(pb[j, 1] + ob[16 + q])
+                    c = fg * cpb[j] + ig * ftanh(pb[j, 2] + ob[32 + q])
+                    c_out[b, j] = c
+                    y_out[b, j] = fsigmoid(pb[j, 3] + ob[48 + q]) * ftanh(c)
+
+
 @njit(**FAST)
 def _layer(net, l, x, pre, prow, hbuf, cbuf, scratch, acc, cur, par, ident, n):
-    cell, flags, w, woff, isz, w_hr = net[0], net[1], net[2], net[3], net[4], net[8]
+    cell, flags, w, woff, isz, w_hr, Hp = net[0], net[1], net[2], net[3], net[4], net[8], net[12]
     H, G = pre.shape[1], pre.shape[2]
     P = hbuf.shape[3]
-    wl = w[woff[l]:woff[l + 1]].reshape((H, G, isz[l] + P))
     nxt = 1 - cur
     hp, h_out = hbuf[cur, l], hbuf[nxt, l]
+    if Hp > 0:  # a plain LSTM, transposed (decoding._build_net)
+        wt = w[woff[l]:woff[l + 1]].reshape((Hp // 16, isz[l] + P, 64))
+        lstm_cells_t(wt, Hp, pre, prow, x, hp, cbuf[cur, l], par, n, cbuf[nxt, l], h_out)
+        return
+    wl = w[woff[l]:woff[l + 1]].reshape((H, G, isz[l] + P))
     if cell == 0:
         if w_hr.shape[1] == 0:
             lstm_cells(wl, pre, prow, x, hp, cbuf[cur, l], par, ident, n, acc, cbuf[nxt, l], h_out)

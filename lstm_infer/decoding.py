@@ -27,6 +27,7 @@ from . import decode_kernels as dk
 from . import recurrent
 from .errors import LstmInferError
 from .format import CELLS
+from .simd import LANES
 
 F32 = np.float32
 METHODS = ("greedy", "beam", "sample")
@@ -146,8 +147,8 @@ def _not_compiled(model) -> str | None:
 
 
 def _build_net(model) -> tuple:
-    """The ``net`` tuple of decode_kernels: recurrent weights as (H, G, I + P) per layer, one flat copy,
-    and layer 0's input projection of every token when that table fits TABLE_BYTES."""
+    """The ``net`` tuple of decode_kernels: recurrent weights per layer in one flat copy, and layer 0's input
+    projection of every token when that table fits TABLE_BYTES."""
     layers = model.layers
     cell = layers[0].cell
     G, H, P = CELLS[cell], layers[0].hidden, layers[0].out
@@ -159,15 +160,26 @@ def _build_net(model) -> tuple:
         table = gx.reshape(V, G, H).transpose(0, 2, 1)
     else:
         table = np.zeros((0, H, G), F32)
+    proj = dirs[0].w_hr is not None
+    # A plain LSTM stores each layer transposed in panels of 16 units, (Hp/16, I + P, 4 * 16) with Hp = H
+    # rounded up to 16 and a panel's row k holding its units' four gates (dk.lstm_cells_t); every other
+    # cell (H, G, I + P).
+    transposed = cell == "lstm" and not proj
+    Hp = -(-H // LANES) * LANES
     flat, offs, isz = [], [0], []
     for li, d in enumerate(dirs):
         w_ih = np.asarray(d.w_ih).reshape(G, H, -1)[:, :, : 0 if li == 0 and len(table) else None]
-        w = np.concatenate([w_ih, np.asarray(d.w_hh).reshape(G, H, P)], axis=2)
-        flat.append(np.ascontiguousarray(w.transpose(1, 0, 2), F32).reshape(-1))
+        w = np.concatenate([w_ih, np.asarray(d.w_hh).reshape(G, H, P)], axis=2)  # (G, H, K)
+        if transposed:
+            wp = np.zeros((G, Hp, w.shape[2]), F32)
+            wp[:, :H] = w
+            w = wp.reshape(G, Hp // LANES, LANES, -1).transpose(1, 3, 0, 2)  # (Hp/16, K, G, 16)
+        else:
+            w = w.transpose(1, 0, 2)
+        flat.append(np.ascontiguousarray(w, F32).reshape(-1))
         offs.append(offs[-1] + flat[-1].size)
         isz.append(w_ih.shape[2])
     b_hn = np.stack([np.zeros(H) if d.b_hn is None else d.b_hn for d in dirs])
-    proj = dirs[0].w_hr is not None
     w_hr = np.stack([d.w_hr for d in dirs]) if proj else np.zeros((len(dirs), 0, 0))
     flags = np.array([[int(ly.lbr), int(ly.dirs[0].codes[0]) if cell == "rnn" else 0] for ly in layers], np.int64)
     K = model.head_w.shape[0]
@@ -175,7 +187,7 @@ def _build_net(model) -> tuple:
     c = lambda a: np.ascontiguousarray(a, F32)  # noqa: E731
     return (CELL_CODES[cell], flags, np.concatenate(flat), np.array(offs, np.int64), np.array(isz, np.int64),
             c(bias), c(table), c(b_hn), c(w_hr), np.asarray(model.embedding), np.asarray(model.head_w),
-            np.array(head_b, F32))
+            np.array(head_b, F32), Hp if transposed else 0)
 
 
 def _net(model, engine: str) -> tuple | None:

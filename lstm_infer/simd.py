@@ -90,6 +90,28 @@ def _make_panel(R: int, NV: int):
 
 _P1, _P2, _P3, _P4 = (_make_panel(ROWS[nv], nv) for nv in (1, 2, 3, 4))
 _F4 = np.intp(4)  # bytes per float32
+# Few rows by 64 columns (4 vectors), for decoding: R = 1..6 rows (beams, samples) broadcast against 64
+# output columns of a transposed weight matrix; 4R accumulators, no horizontal sums.
+_S1, _S2, _S3, _S4, _S5, _S6 = (_make_panel(r, 4) for r in range(1, 7))
+SMALL_ROWS = 6
+
+
+@njit(**FAST)
+def small_rows(nr, w, ldw, h, ldh, K, out, ldo):
+    """out[r, 0:64] = sum_k w[r, k] * h[k, 0:64] for r < nr <= SMALL_ROWS; pointers and strides as in
+    ``panel`` (w: the rows, h: 64 columns of a (K, *) matrix, out: (nr, *))."""
+    if nr == 1:
+        _S1(w, ldw, h, ldh, K, out, ldo)
+    elif nr == 2:
+        _S2(w, ldw, h, ldh, K, out, ldo)
+    elif nr == 3:
+        _S3(w, ldw, h, ldh, K, out, ldo)
+    elif nr == 4:
+        _S4(w, ldw, h, ldh, K, out, ldo)
+    elif nr == 5:
+        _S5(w, ldw, h, ldh, K, out, ldo)
+    else:
+        _S6(w, ldw, h, ldh, K, out, ldo)
 
 
 @njit(**FAST)
