@@ -5,7 +5,7 @@ Python runs per token. The pickers and the beam update are plain @njit functions
 ``Model.step`` fallback in decoding.py calls too, so both paths choose tokens by the same code.
 
 ``net`` (built once per Model by decoding.py) is a tuple
-``(cell, flags, w, woff, isz, bias, table, b_hn, w_hr, emb, head_w, head_b, Hp)``:
+``(cell, flags, w, woff, isz, bias, table, b_hn, w_hr, emb, head_w, head_b, Hp, head_t)``:
 
     cell   int         0 lstm, 1 gru, 2 rnn; every layer the same cell, H and P
     flags  (L, 2)      int64 per layer: linear_before_reset, activation code (rnn: 1 tanh, 2 relu)
@@ -20,6 +20,8 @@ Python runs per token. The pickers and the beam update are plain @njit functions
                         token instead of all of W_ih
     b_hn   (L, H)      gru recurrent bias of n,  w_hr (L, P, H) lstm projection, (L, 0, 0) without
     emb    (V, E),  head_w (K, F),  head_b (K,),  Hp int (0: w is not in panels)
+    head_t (Kp/64, F, 64) head_w in panels of 64 tokens (Kp = K rounded up to 64; zero padding), or
+                        (0, 0, 64) when that copy would pass TABLE_BYTES (head_blocks)
 
 State lives in double buffers: hbuf (2, L, R, P), cbuf (2, L, R, H). A step reads the ``cur`` half and
 writes the other; row b continues from row ``par[b]`` of the old half, which is how beams reorder
@@ -344,27 +346,47 @@ def stack_step(net, hbuf, cbuf, scratch, acc, cur, tok, par, ident, n):
 # --------------------------------------------------------------------------- output head
 
 @njit(parallel=True, **FAST)
-def head_blocks(head_w, head_b, f, ident, n, nblk, acc, logits, bmax, bsum):
+def head_blocks(head_w, head_t, head_b, f, ident, n, nblk, acc, logits, bmax, bsum):
     """logits[b] (K,) = head_w (K, F) @ f[b] + head_b for rows b < n, in nblk vocabulary blocks.
 
     Per block and row also the max (bmax (R, nblk)) and sum of exp(logit - max) (bsum), so that the
-    log-sum-exp needs no second pass over the vocabulary. acc (nblk, 4, 5) scratch.
+    log-sum-exp needs no second pass over the vocabulary. acc (nblk, R, 64) scratch. With head_t, the
+    head in panels of 64 tokens (Kp/64, F, 64) (decoding._build_net), blocks are whole panels and each
+    panel is a small GEMM like lstm_cells_t's; with an empty head_t, dot products of head_w's rows.
     """
     K = head_w.shape[0]
+    npan = head_t.shape[0]
+    F = f.shape[1]
     for blk in prange(nblk):
-        lo, hi = blk * K // nblk, (blk + 1) * K // nblk
-        a = acc[blk]
-        for v in range(lo, hi, 4):
-            r1, r2, r3 = min(v + 1, hi - 1), min(v + 2, hi - 1), min(v + 3, hi - 1)  # a short tail repeats
-            b0 = 0
-            while b0 < n:  # rows in fours, a last five in one pass (beam 5, medium head: 1.21 -> 1.05-1.18 ms)
-                nb = _group(n, b0)
-                a[:, :] = _ZERO
-                _dots(head_w[v], head_w[r1], head_w[r2], head_w[r3], f, ident, b0, nb, a)
-                for q in range(nb):
-                    for r in range(min(4, hi - v)):
-                        logits[b0 + q, v + r] = a[r, q] + head_b[v + r]
-                b0 += nb
+        if npan > 0:
+            p0, p1 = blk * npan // nblk, (blk + 1) * npan // nblk
+            lo, hi = p0 * 64, min(K, p1 * 64)
+            o = acc[blk]
+            for p in range(p0, p1):
+                b0 = 0
+                while b0 < n:
+                    nr = min(SMALL_ROWS, n - b0)
+                    small_rows(nr, f[b0:].ctypes.data, F, head_t[p].ctypes.data, 64, F, o[b0:].ctypes.data, 64)
+                    b0 += nr
+                v0 = p * 64
+                for b in range(n):
+                    lb, ob = logits[b], o[b]
+                    for q in range(min(64, K - v0)):
+                        lb[v0 + q] = ob[q] + head_b[v0 + q]
+        else:
+            lo, hi = blk * K // nblk, (blk + 1) * K // nblk
+            a = acc[blk]
+            for v in range(lo, hi, 4):
+                r1, r2, r3 = min(v + 1, hi - 1), min(v + 2, hi - 1), min(v + 3, hi - 1)  # a short tail repeats
+                b0 = 0
+                while b0 < n:  # rows in fours, a last five in one pass
+                    nb = _group(n, b0)
+                    a[:4, :5] = _ZERO
+                    _dots(head_w[v], head_w[r1], head_w[r2], head_w[r3], f, ident, b0, nb, a)
+                    for q in range(nb):
+                        for r in range(min(4, hi - v)):
+                            logits[b0 + q, v + r] = a[r, q] + head_b[v + r]
+                    b0 += nb
         for b in range(n):
             lb = logits[b]
             m = -BIG
@@ -378,9 +400,10 @@ def head_blocks(head_w, head_b, f, ident, n, nblk, acc, logits, bmax, bsum):
 
 
 @njit(**FAST)
-def head_lse(head_w, head_b, f, ident, n, nblk, logits, bmax, bsum, lse):
+def head_lse(head_w, head_t, head_b, f, ident, n, nblk, logits, bmax, bsum, lse):
     """Logits of rows b < n into logits (R, K) and their log-sum-exp into lse (R,) float64."""
-    head_blocks(head_w, head_b, f, ident, n, nblk, np.empty((nblk, 4, 5), F32), logits, bmax, bsum)
+    acc = np.empty((nblk, max(n, 5), 64), F32)
+    head_blocks(head_w, head_t, head_b, f, ident, n, nblk, acc, logits, bmax, bsum)
     for b in range(n):
         m = -BIG
         for k in range(nblk):
@@ -535,7 +558,7 @@ def decode_rows(net, hbuf, cbuf, scratch, cur, tok, par, n, t0, steps, nblk, min
         stack_step(net, hbuf, cbuf, scratch, acc, cur, tok, par, ident, n)
         cur = 1 - cur
         par[:n] = ident
-        head_lse(head_w, head_b, hbuf[cur, L - 1], ident, n, nblk, logits, bmax, bsum, lse)
+        head_lse(head_w, net[13], head_b, hbuf[cur, L - 1], ident, n, nblk, logits, bmax, bsum, lse)
         all_done = pick_rows(logits, lse, n, t, min_new, eos, stop, sample, temperature, top_k, top_p, rng,
                              done, tok, out_ids, out_lp, e, idx)
         t += 1
@@ -693,7 +716,7 @@ def beam_search(net, hbuf, cbuf, scratch, cur, tok0, beam, max_new, min_new, eos
     for t in range(max_new):
         stack_step(net, hbuf, cbuf, scratch, acc, cur, tok, par, ident, n)
         cur = 1 - cur
-        head_lse(head_w, head_b, hbuf[cur, L - 1], ident, n, nblk, logits, bmax, bsum, lse)
+        head_lse(head_w, net[13], head_b, hbuf[cur, L - 1], ident, n, nblk, logits, bmax, bsum, lse)
         n, over = beam_update(logits, lse, live, n, t, beam, max_new, min_new, eos, stop, alpha, nblk,
                               hist, back, fin_score, fin_lp, fin_t, fin_b, fin_end, fcount)
         if over:

@@ -182,12 +182,19 @@ def _build_net(model) -> tuple:
     b_hn = np.stack([np.zeros(H) if d.b_hn is None else d.b_hn for d in dirs])
     w_hr = np.stack([d.w_hr for d in dirs]) if proj else np.zeros((len(dirs), 0, 0))
     flags = np.array([[int(ly.lbr), int(ly.dirs[0].codes[0]) if cell == "rnn" else 0] for ly in layers], np.int64)
-    K = model.head_w.shape[0]
+    K, Fh = model.head_w.shape
     head_b = np.zeros(K) if model.head_b is None else model.head_b
+    if K * Fh * 4 <= TABLE_BYTES:  # the head again in panels of 64 tokens (dk.head_blocks)
+        Kp = -(-K // 64) * 64
+        hw = np.zeros((Kp, Fh), F32)
+        hw[:K] = model.head_w
+        head_t = hw.reshape(Kp // 64, 64, Fh).transpose(0, 2, 1)
+    else:
+        head_t = np.zeros((0, 0, 64), F32)
     c = lambda a: np.ascontiguousarray(a, F32)  # noqa: E731
     return (CELL_CODES[cell], flags, np.concatenate(flat), np.array(offs, np.int64), np.array(isz, np.int64),
             c(bias), c(table), c(b_hn), c(w_hr), np.asarray(model.embedding), np.asarray(model.head_w),
-            np.array(head_b, F32), Hp if transposed else 0)
+            np.array(head_b, F32), Hp if transposed else 0, c(head_t))
 
 
 def _net(model, engine: str) -> tuple | None:
