@@ -22,6 +22,7 @@ rather than burnt time slices.
 
 from __future__ import annotations
 
+import os
 import platform
 
 import numpy as np
@@ -66,8 +67,9 @@ def _pause(typingctx):
 @intrinsic
 def _yield(typingctx):
     def codegen(context, builder, signature, args):
-        fn = ir.FunctionType(ir.IntType(32), [])
-        builder.call(cgutils.get_or_insert_function(builder.module, fn, "sched_yield"), [])
+        if os.name == "posix":  # elsewhere the waiter only spins
+            fn = ir.FunctionType(ir.IntType(32), [])
+            builder.call(cgutils.get_or_insert_function(builder.module, fn, "sched_yield"), [])
         return context.get_dummy_value()
 
     return types.void(), codegen

@@ -1,4 +1,5 @@
-"""Python worker threads for the BLAS side of a model: each runs single-threaded BLAS on its share of rows.
+"""Python worker threads: single-threaded BLAS on shares of a GEMM (split), and gangs of threads that run
+a chunk of fused LSTM steps together (gang, see gang.py).
 
 OpenBLAS's own threads spin-wait after every multithreaded call (for up to 2**28 cycles by default), and
 Numba's parallel regions that follow find a core taken: fused LSTM steps right after a 2-thread input
@@ -24,7 +25,7 @@ MIN_FLOPS = 4e6  # below this a product runs on the calling thread: a hand-off c
 def _libc_getcpu() -> Callable[[], int] | None:
     try:
         fn = ctypes.CDLL(None).sched_getcpu
-    except (OSError, AttributeError):  # not glibc / Linux
+    except (OSError, AttributeError, TypeError):  # not glibc / Linux
         return None
     fn.restype, fn.argtypes = ctypes.c_int, []
     return fn
