@@ -259,7 +259,7 @@ def rnn_cells(w, pre, prow, act, x, hp, par, ident, n, acc, h_out):
 
 
 @njit(parallel=True, **FAST)
-def lstm_cells_t(wt, Hp, pre, prow, x, hp, cp, par, n, c_out, y_out):
+def lstm_cells_t(wt, pre, prow, x, hp, cp, par, n, c_out, y_out):
     """lstm_cells on a transposed layer: wt (Hp/16, K = I + P, 64), panel u's column g*16 + l holding gate
     g of unit u*16 + l. Each panel is a small GEMM, rows [x[b] | hp[par[b]]] times its 64 columns
     (simd.small_rows: weights along the vector lanes, one broadcast per row and k, no horizontal sums;
@@ -273,7 +273,7 @@ def lstm_cells_t(wt, Hp, pre, prow, x, hp, cp, par, n, c_out, y_out):
         hb = hp[par[b]]
         for k in range(K - I):
             z[b, I + k] = hb[k]
-    nblk = Hp // 16
+    nblk = wt.shape[0]
     out = np.empty((nblk, n, 64), F32)
     for u in prange(nblk):
         o = out[u]
@@ -302,7 +302,7 @@ def _layer(net, l, x, pre, prow, hbuf, cbuf, scratch, acc, cur, par, ident, n):
     hp, h_out = hbuf[cur, l], hbuf[nxt, l]
     if Hp > 0:  # a plain LSTM, transposed (decoding._build_net)
         wt = w[woff[l]:woff[l + 1]].reshape((Hp // 16, isz[l] + P, 64))
-        lstm_cells_t(wt, Hp, pre, prow, x, hp, cbuf[cur, l], par, n, cbuf[nxt, l], h_out)
+        lstm_cells_t(wt, pre, prow, x, hp, cbuf[cur, l], par, n, cbuf[nxt, l], h_out)
         return
     wl = w[woff[l]:woff[l + 1]].reshape((H, G, isz[l] + P))
     if cell == 0:

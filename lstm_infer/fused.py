@@ -5,8 +5,8 @@ threads spin for milliseconds after each call, taking the core that Numba's next
 kernel, and a commit. Here the thread that owns a share of the hidden units computes the recurrent sums
 of its units' four gate rows and applies the gates straight away; W_hh stays in the layout the model
 directory stores (gate g of unit j is row g*H + j), and nothing but the new h and c is written. The
-threads form a gang (gang.py) that keeps its shares for a whole chunk of steps and meets at a spin
-barrier after each: batch-1 steps of 512 units went from 37 to 25 us on 2 threads against a Numba
+threads form a gang (gang.py) that runs a whole chunk of steps, sharing each step's blocks of units
+through atomic counters: batch-1 steps of 512 units went from 37 to 25 us on 2 threads against a Numba
 parallel region per step.
 
 Two layouts, by batch size:
@@ -297,10 +297,10 @@ def lstm_steps_panel_regions(gx, w_hh, peep, has_peep, clip, input_forget, valid
                              table, columns, ids, U):
     n = gx.shape[0]
     H = c.shape[0]
+    nblk = max(1, H // U)
     for s in range(n):
         t = n - 1 - s if reverse else s
         hp, hn = hbuf[s % 2], hbuf[(s + 1) % 2]
-        nblk = max(1, H // U)
         for k in prange(nblk):
             a, b = _block(k, nblk, U, H, True)
             _panel_block(gx[t], w_hh, peep, has_peep, clip, input_forget, valid[t], hp, hn, c, out[t], acc, a, b)
@@ -311,12 +311,13 @@ def lstm_steps_dot_regions(gx, w_hh, peep, has_peep, clip, input_forget, valid, 
                            table, columns, ids, U):
     n = gx.shape[0]
     H = c.shape[0]
+    nblk = -(-H // U)
     for s in range(n):
         t = n - 1 - s if reverse else s
         hp, hn = hbuf[s % 2], hbuf[(s + 1) % 2]
-        for k in prange(-(-H // U)):
-            _dot_block(gx[t], w_hh, peep, has_peep, clip, input_forget, valid[t], hp, hn, c, out[t], acc,
-                       k * U, min(H, k * U + U))
+        for k in prange(nblk):
+            a, b = _block(k, nblk, U, H, False)
+            _dot_block(gx[t], w_hh, peep, has_peep, clip, input_forget, valid[t], hp, hn, c, out[t], acc, a, b)
 
 
 def layout(B: int, H: int) -> tuple[bool, int]:

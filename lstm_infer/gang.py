@@ -45,15 +45,6 @@ def _load_acquire(typingctx, addr):
 
 
 @intrinsic
-def _store_release(typingctx, addr, value):
-    def codegen(context, builder, signature, args):
-        builder.store_atomic(args[1], builder.inttoptr(args[0], ir.IntType(64).as_pointer()), "release", 8)
-        return context.get_dummy_value()
-
-    return types.void(types.uintp, types.int64), codegen
-
-
-@intrinsic
 def _pause(typingctx):
     def codegen(context, builder, signature, args):
         if _X86:

@@ -88,12 +88,14 @@ def _make_panel(R: int, NV: int):
     return panel
 
 
-_P1, _P2, _P3, _P4 = (_make_panel(ROWS[nv], nv) for nv in (1, 2, 3, 4))
-_F4 = np.intp(4)  # bytes per float32
 # Few rows by 64 columns (4 vectors), for decoding: R = 1..6 rows (beams, samples) broadcast against 64
-# output columns of a transposed weight matrix; 4R accumulators, no horizontal sums.
+# output columns of a transposed weight matrix; 4R accumulators, no horizontal sums. The 6-row one is also
+# rows_gemm's 4-vector tile (ROWS[4] = 6).
 _S1, _S2, _S3, _S4, _S5, _S6 = (_make_panel(r, 4) for r in range(1, 7))
 SMALL_ROWS = 6
+_P1, _P2, _P3 = (_make_panel(ROWS[nv], nv) for nv in (1, 2, 3))
+_P4 = _S6
+_F4 = np.intp(4)  # bytes per float32
 
 
 @njit(**FAST)

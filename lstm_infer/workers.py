@@ -66,7 +66,6 @@ def _after_fork() -> None:
     used before multiprocessing's fork hung in the child). Each Workers starts a fresh pool on next use."""
     for w in list(_LIVE):
         w._pool = None
-        w._gang_lock = threading.Lock()
 
 
 if hasattr(os, "register_at_fork"):
@@ -80,7 +79,6 @@ class Workers:
         self.threads = threads
         self._pool: ThreadPoolExecutor | None = None
         self._local = threading.local()  # per calling thread: scratch buffers (buffer())
-        self._gang_lock = threading.Lock()
         _LIVE.add(self)
 
     def buffer(self, name: str, rows: int, shape: tuple[int, ...]) -> np.ndarray:
@@ -104,36 +102,29 @@ class Workers:
             if n:
                 fn(0, n)
             return
-        if self._pool is None:
-            self._pool = ThreadPoolExecutor(self.threads, thread_name_prefix="lstm-infer")
         bounds = [n * k // parts for k in range(parts + 1)]
-        caller = _current_cpu()
-        futures = [self._pool.submit(_off_cpu, caller, fn, s, e) for s, e in zip(bounds[1:-1], bounds[2:])]
-        fn(bounds[0], bounds[1])  # the caller takes the first share
-        for f in futures:
-            f.result()
+        self._fan_out(fn, list(zip(bounds[:-1], bounds[1:])))
 
     def gang(self, fn: Callable[[int, int], None], members: int) -> None:
-        """fn(me, members) for me = 0 .. members - 1 (at most ``threads``), all running at once: the members
-        wait for each other at spin barriers (gang.py), the caller being member 0.
-
-        One gang at a time per Workers: two gangs sharing the pool could each hold a worker spinning for a
-        member queued behind the other. A member that raises is re-raised here once the others finish,
-        which they can only do if it raised before its first barrier (the kernels raise nothing).
-        """
-        if members <= 1:
-            fn(0, 1)
-            return
+        """fn(me, members) for me = 0 .. members - 1 (at most ``threads``), the caller being member 0: the
+        members of a gang (gang.py) share a chunk's steps block by block, and a member that starts late or
+        not at all only leaves more blocks to the others, so gangs need no lock against each other."""
         if members > self.threads:
             raise ValueError(f"a gang of {members} needs as many threads, not {self.threads}")
-        with self._gang_lock:
-            if self._pool is None:
-                self._pool = ThreadPoolExecutor(self.threads, thread_name_prefix="lstm-infer")
-            caller = _current_cpu()
-            futures = [self._pool.submit(_off_cpu, caller, fn, k, members) for k in range(1, members)]
-            fn(0, members)
-            for f in futures:
-                f.result()
+        self._fan_out(fn, [(k, members) for k in range(members)])
+
+    def _fan_out(self, fn: Callable[..., None], calls: list[tuple[int, ...]]) -> None:
+        """fn(*calls[0]) on the calling thread, the other calls on the pool; returns when all are done."""
+        if len(calls) == 1:
+            fn(*calls[0])
+            return
+        if self._pool is None:
+            self._pool = ThreadPoolExecutor(self.threads, thread_name_prefix="lstm-infer")
+        caller = _current_cpu()
+        futures = [self._pool.submit(_off_cpu, caller, fn, *a) for a in calls[1:]]
+        fn(*calls[0])
+        for f in futures:
+            f.result()
 
     def matmul(self, a: np.ndarray, b: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
         """a (M, K) @ b (K, N), split over the rows of the output (or its columns when M is small)."""
