@@ -34,8 +34,9 @@ def per_step(B: int, H: int, c0: float, n: int = 512, runs: int = 5) -> tuple[fl
         hbuf = np.zeros((2, H, N) if panel else (2, B, H), F32)
         c, out, acc = np.full((H, N), c0, F32), np.empty((n, B, H), F32), np.zeros((4, H, N), F32)
         t0 = time.perf_counter()
-        steps(gx, w, np.zeros((3, H), F32), False, kernels.BIG, False, np.ones((n, B), bool), False, hbuf, c, out,
-              acc, np.empty((0, 0), F32), False, np.empty((0, 0), np.int64), fused.unit_block(N, H),
+        steps(gx, w, np.empty((4 * H, 0), F32), np.empty((1, 0, N), F32), np.zeros((3, H), F32), False,
+              kernels.BIG, False, np.ones((n, B), bool), False, hbuf, c, out, False, acc, np.empty((0, 0), F32),
+              False, np.empty((0, 0), np.int64), fused.unit_block(N, H),
               gang.new_counters(n, 1), 0, 1)
         times.append(time.perf_counter() - t0)
     h = np.abs(out[-1])

@@ -20,12 +20,13 @@ sys.path.insert(0, str(HERE))
 
 
 def loop(args) -> None:
+    import models
     import worker
     from engines import LstmInfer
-    from models import REFERENCE
 
-    spec = REFERENCE[args.model]
-    eng = LstmInfer(Path(args.work) / args.model / "model", args.threads)
+    spec = models.bundled_spec(models.BUNDLED)[0] if args.model == "bundled" else models.REFERENCE[args.model]
+    where = models.BUNDLED if args.model == "bundled" else Path(args.work) / args.model / "model"
+    eng = LstmInfer(where, args.threads)
     start = eng.start_symbol if eng.start_symbol is not None else 1
     regimes = {"batched": {"B": 32, "T": 128, "seed": 1234}, "stream": {"B": 1, "T": 512, "seed": 4321},
                "greedy": {"tokens": 200, "start": start}, "beam": {"beam": 5, "steps": 50, "start": start}}

@@ -27,7 +27,7 @@ from numba import njit, prange
 
 from .gang import finish, take, wait_all
 from .kernels import FAST, _clip, fsigmoid, ftanh
-from .simd import LANES, rows_gemm
+from .simd import LANES, rows_gemm, rows_gemm2
 
 _ZERO, _ONE = np.float32(0.0), np.float32(1.0)
 PANEL_MIN_BATCH = 9  # batches from this size take the panel layout
@@ -141,25 +141,37 @@ def _dot_block(gx, w_hh, peep, has_peep, clip, input_forget, valid, hp, hn, c, o
 
 
 @njit(**FAST)
-def _panel_block(gx, w_hh, peep, has_peep, clip, input_forget, valid, hp, hn, c, out, acc, j0, j1):
+def _panel_block(gx, w_hh, w_ih, xt, peep, has_peep, clip, input_forget, valid, hp, hn, c, out, fm, acc, j0, j1):
     """Panel layout, units j0 .. j1 (at least 8; rows_gemm writes only rows j0 .. j1 of acc): gx (4H, Bp),
-    hp, hn, c (H, Bp), out (B, H), acc (4, H, Bp); valid (B,) covers the real rows."""
-    H = c.shape[0]
-    B = out.shape[0]
+    hp, hn, c (H, Bp), acc (4, H, Bp); valid (B,) covers the real rows. With w_ih (4H, I), I > 0, the
+    step adds the input product itself, W_ih xt for xt (I, Bp), and gx holds only the bias. out is
+    (B, H), or (H, Bp) feature-major when ``fm`` (rows past their length zero, padding columns finite)."""
+    H, N = c.shape
+    B = valid.shape[0]
+    fused_in = w_ih.shape[1] > 0
     for g in range(4):
-        rows_gemm(w_hh, g * H + j0, g * H + j1, hp, acc[g], j0, False)
+        if fused_in:
+            rows_gemm2(w_ih, xt, w_hh, hp, g * H + j0, g * H + j1, acc[g], j0)
+        else:
+            rows_gemm(w_hh, g * H + j0, g * H + j1, hp, acc[g], j0, False)
     _gates(gx, peep, has_peep, clip, input_forget, c, acc, j0, j1)
-    N = c.shape[1]
     full = True
     for b in range(B):
         full &= valid[b]
+    n = (j1 - j0) * N
+    yf, cnf = acc[0, j0:j1].reshape(n), acc[1, j0:j1].reshape(n)
     if full:  # the common case: whole rows copy, and vectorise
-        n = (j1 - j0) * N
         cf, hf = c[j0:j1].reshape(n), hn[j0:j1].reshape(n)
-        yf, cnf = acc[0, j0:j1].reshape(n), acc[1, j0:j1].reshape(n)
-        for q in range(n):  # a loop, not cf[:] = ...: Numba compiles slice assignment with a shape error
-            cf[q] = cnf[q]
-            hf[q] = yf[q]
+        if fm:
+            of = out[j0:j1].reshape(n)
+            for q in range(n):  # a loop, not cf[:] = ...: Numba compiles slice assignment with a shape error
+                cf[q] = cnf[q]
+                hf[q] = yf[q]
+                of[q] = yf[q]
+        else:
+            for q in range(n):
+                cf[q] = cnf[q]
+                hf[q] = yf[q]
     else:
         for j in range(j0, j1):
             yj, cnj, cj, hnj, hpj = acc[0, j], acc[1, j], c[j], hn[j], hp[j]
@@ -167,15 +179,20 @@ def _panel_block(gx, w_hh, peep, has_peep, clip, input_forget, valid, hp, hn, c,
                 ok = valid[b]
                 cj[b] = cnj[b] if ok else cj[b]
                 hnj[b] = yj[b] if ok else hpj[b]
-    y = acc[0]
-    for b in range(B):
-        ob = out[b]
-        if valid[b]:
-            for j in range(j0, j1):
-                ob[j] = y[j, b]
-        else:
-            for j in range(j0, j1):
-                ob[j] = _ZERO
+            if fm:
+                oj = out[j]
+                for b in range(N):
+                    oj[b] = yj[b] if b >= B or valid[b] else _ZERO
+    if not fm:
+        y = acc[0]
+        for b in range(B):
+            ob = out[b]
+            if valid[b]:
+                for j in range(j0, j1):
+                    ob[j] = y[j, b]
+            else:
+                for j in range(j0, j1):
+                    ob[j] = _ZERO
 
 
 def unit_block(B: int, H: int) -> int:
@@ -237,9 +254,11 @@ def _gather_units(table, columns, ids, gx, j0, j1):
 # (gang.new_counters(n, members)) until the step has none left, then waiting for the step to finish: the
 # next step reads all of h.
 # Arguments: gx (n, 4H, N) input projections with the bias (kernels.gather_steps); w_hh (4H, H);
-# peep (3, H) read only when has_peep; clip float32 (BIG: none); valid (n, B) bool; reverse: run
-# t = n-1 .. 0; hbuf (2, B, H) (dot) or (2, H, N) (panel); c (H, N); out (n, B, H) receives each step's
-# h (zeros on rows past their length); acc (4, H, N) scratch.
+# w_ih (4H, I) and x (n, I, N): panel layout with I > 0 only, the step computes W_ih x[t] itself and gx is
+# (1, 4H, N), the bias alone (an empty (4H, 0) w_ih and (1, 0, N) x otherwise); peep (3, H) read only when
+# has_peep; clip float32 (BIG: none); valid (n, B) bool; reverse: run t = n-1 .. 0; hbuf (2, B, H) (dot)
+# or (2, H, N) (panel); c (H, N); out (n, B, H) receives each step's h (zeros on rows past their length),
+# or (n, H, N) feature-major when fm (panel only); acc (4, H, N) scratch.
 # Panel layout with a layer-0 token table (table.shape[0] > 0; an empty (0, 0) array otherwise): gx is one
 # step's (1, 4H, N) scratch instead, and whoever takes a block copies its units' rows for tokens ids (n, B)
 # into it just before using them (_gather_units), so they stay in L1; a gather of the whole chunk
@@ -249,31 +268,35 @@ def _gather_units(table, columns, ids, gx, j0, j1):
 # block of step s writes hbuf[(s+1) % 2], which step s - 1 read: every block of it had finished.
 
 @njit(**FAST)
-def lstm_steps_panel(gx, w_hh, peep, has_peep, clip, input_forget, valid, reverse, hbuf, c, out, acc,
-                     table, columns, ids, U, counters, me, members):
+def lstm_steps_panel(gx, w_hh, w_ih, x, peep, has_peep, clip, input_forget, valid, reverse, hbuf, c, out, fm,
+                     acc, table, columns, ids, U, counters, me, members):
     n = valid.shape[0]
     H = c.shape[0]
     nblk = max(1, H // U)
     tok = table.shape[0] > 0
+    fused_in = w_ih.shape[1] > 0
     for s in range(n):
         t = n - 1 - s if reverse else s
         hp, hn = hbuf[s % 2], hbuf[(s + 1) % 2]
-        gt = gx[0] if tok else gx[t]
+        gt = gx[0] if tok or fused_in else gx[t]
+        xt = x[t] if fused_in else x[0]
         k = take(counters, s, me, members, nblk)
         while k >= 0:
             a, b = _block(k, nblk, U, H, True)
             if tok:
                 _gather_units(table, columns, ids[t], gt, a, b)
-            _panel_block(gt, w_hh, peep, has_peep, clip, input_forget, valid[t], hp, hn, c, out[t], acc, a, b)
+            _panel_block(gt, w_hh, w_ih, xt, peep, has_peep, clip, input_forget, valid[t], hp, hn, c, out[t], fm,
+                         acc, a, b)
             finish(counters, s, members)
             k = take(counters, s, me, members, nblk)
         wait_all(counters, s, members, nblk)
 
 
 @njit(**FAST)
-def lstm_steps_dot(gx, w_hh, peep, has_peep, clip, input_forget, valid, reverse, hbuf, c, out, acc,
+def lstm_steps_dot(gx, w_hh, w_ih, x, peep, has_peep, clip, input_forget, valid, reverse, hbuf, c, out, fm, acc,
                    table, columns, ids, U, counters, me, members):
-    """The table arguments are unused: the dot layout always reads a gathered gx (see recurrent.py)."""
+    """The table, w_ih, x and fm arguments are unused: the dot layout always reads a gathered gx of the
+    input projection and writes out batch-major (see recurrent.py)."""
     n = gx.shape[0]
     H = c.shape[0]
     nblk = -(-H // U)
@@ -293,22 +316,26 @@ def lstm_steps_dot(gx, w_hh, peep, has_peep, clip, input_forget, valid, reverse,
 # (n, 4H, N); the table arguments are unused.
 
 @njit(parallel=True, **FAST)
-def lstm_steps_panel_regions(gx, w_hh, peep, has_peep, clip, input_forget, valid, reverse, hbuf, c, out, acc,
-                             table, columns, ids, U):
-    n = gx.shape[0]
+def lstm_steps_panel_regions(gx, w_hh, w_ih, x, peep, has_peep, clip, input_forget, valid, reverse, hbuf, c, out,
+                             fm, acc, table, columns, ids, U):
+    n = valid.shape[0]
     H = c.shape[0]
     nblk = max(1, H // U)
+    fused_in = w_ih.shape[1] > 0
     for s in range(n):
         t = n - 1 - s if reverse else s
         hp, hn = hbuf[s % 2], hbuf[(s + 1) % 2]
+        gt = gx[0] if fused_in else gx[t]
+        xt = x[t] if fused_in else x[0]
         for k in prange(nblk):
             a, b = _block(k, nblk, U, H, True)
-            _panel_block(gx[t], w_hh, peep, has_peep, clip, input_forget, valid[t], hp, hn, c, out[t], acc, a, b)
+            _panel_block(gt, w_hh, w_ih, xt, peep, has_peep, clip, input_forget, valid[t], hp, hn, c, out[t], fm,
+                         acc, a, b)
 
 
 @njit(parallel=True, **FAST)
-def lstm_steps_dot_regions(gx, w_hh, peep, has_peep, clip, input_forget, valid, reverse, hbuf, c, out, acc,
-                           table, columns, ids, U):
+def lstm_steps_dot_regions(gx, w_hh, w_ih, x, peep, has_peep, clip, input_forget, valid, reverse, hbuf, c, out,
+                           fm, acc, table, columns, ids, U):
     n = gx.shape[0]
     H = c.shape[0]
     nblk = -(-H // U)

@@ -91,21 +91,33 @@ def zero_state(layers: list[Layer], batch: int) -> list[tuple[np.ndarray, np.nda
 
 
 def run_lstm_t(ly: Layer, dw: Direction, x: np.ndarray | None, h: np.ndarray, c: np.ndarray,
-               valid: np.ndarray, wk: Workers, tokens: tuple | None = None) -> np.ndarray:
+               valid: np.ndarray, wk: Workers, tokens: tuple | None = None, fm_in: bool = False,
+               fm_out: bool = False) -> np.ndarray:
     """run_direction for a standard LSTM: fused steps (fused.py) on a step-major input projection.
 
     The input projection runs a chunk of steps at a time, as one GEMM whose output gather_steps lays out
     step-major (n, 4H, B) with the bias added: memory stays bounded and each step's block is fresh in cache.
     A layer with a projection (w_hr) takes the per-step BLAS path, run_lstm_proj. With ``tokens``
     = (ids (T, B), token_table(...)) the projection is copied from the token table and x is unused.
+
+    Panel layout only (fused.layout): with ``fm_in`` x is the previous layer's output feature-major,
+    (T, I, N), and each step computes W_ih x_t in the same register tiles as W_hh h (simd.rows_gemm2):
+    no projection GEMM, no gx written out and read back. ``fm_out`` returns out feature-major, (T, H, N),
+    for such a next layer; otherwise out is (T, B, H).
     """
     if dw.w_hr is not None:
         return run_lstm_proj(ly, dw, x, h, c, valid, wk)
-    T, B = tokens[0].shape if tokens is not None else x.shape[:2]
+    T, B = tokens[0].shape if tokens is not None else valid.shape
     H = ly.hidden
     panel, N = fused.layout(B, H)
+    if (fm_in or fm_out) and not panel:
+        raise ValueError("feature-major inputs and outputs need the panel layout")
     chunk = min(T, max(STEP_CHUNK, -(-STEP_CHUNK_ROWS // B)))
-    gxs = wk.buffer("gx", chunk, (4 * H, N))  # padding columns: zeros, or an earlier call's finite values
+    if fm_in:  # gx holds only the bias, broadcast over the columns
+        gxs = wk.buffer("gx_bias", 1, (4 * H, N))
+        gxs[0] = dw.bias[:, None]
+    else:
+        gxs = wk.buffer("gx", chunk, (4 * H, N))  # padding columns: zeros, or an earlier call's finite values
     if not panel:  # dot layout: h batch-major
         hbuf = np.empty((2, B, H), F32)
         hbuf[0] = h
@@ -115,20 +127,25 @@ def run_lstm_t(ly: Layer, dw: Direction, x: np.ndarray | None, h: np.ndarray, c:
     cT = np.zeros((H, N), F32)
     cT[:, :B] = c.T
     acc = wk.buffer("acc", 4, (H, N))
-    out = np.empty((T, B, H), F32)
+    out = np.empty((T, H, N) if fm_out else (T, B, H), F32)
     steps = fused.lstm_steps_panel if panel else fused.lstm_steps_dot
     regions = fused.lstm_steps_panel_regions if panel else fused.lstm_steps_dot_regions
     peep = bool(dw.peep.any())
     U = fused.unit_block(N, H)
     no_table, no_ids = np.empty((0, 0), F32), np.empty((0, 0), np.int64)
+    w_ih = dw.w_ih if fm_in else np.empty((4 * H, 0), F32)
+    no_x = np.empty((1, 0, N), F32)
     starts = range(0, T, chunk)
     for t0 in reversed(starts) if dw.reverse else starts:
         t1 = min(t0 + chunk, T)
         n = t1 - t0
         members = fused.members(wk.threads, n, B, H, panel)
-        common = (dw.w_hh, dw.peep, peep, ly.clip, ly.input_forget, valid[t0:t1], dw.reverse, hbuf, cT,
-                  out[t0:t1], acc)
-        if tokens is not None and members and panel:  # the members gather their own rows of each step
+        xs = x[t0:t1] if fm_in else no_x
+        common = (dw.w_hh, w_ih, xs, dw.peep, peep, ly.clip, ly.input_forget, valid[t0:t1], dw.reverse, hbuf, cT,
+                  out[t0:t1], fm_out, acc)
+        if fm_in:
+            args = (gxs, *common, no_table, False, no_ids)
+        elif tokens is not None and members and panel:  # the members gather their own rows of each step
             # (fused.py). Not for the dot layout: a batch-1 step's rows are single floats strewn over the
             # table, which the parallel gather beforehand fetches faster (measured: 16.3 vs 15.8 ms per
             # 512 steps of the bundled model).
@@ -274,22 +291,36 @@ def run_direction(ly: Layer, dw: Direction, x: np.ndarray, h: np.ndarray, c: np.
     return out
 
 
+def _plain_lstm(ly: Layer) -> bool:
+    """A layer that run_lstm_t runs as one direction of fused steps without a projection."""
+    return ly.cell == "lstm" and len(ly.dirs) == 1 and ly.dirs[0].standard and ly.dirs[0].w_hr is None
+
+
 def run_stack(layers: list[Layer], x: np.ndarray | None, state: list, valid: np.ndarray, wk: Workers,
               tokens: tuple | None = None) -> np.ndarray:
     """x (T, B, I) through every layer; ``state`` (from zero_state) is updated in place; ``wk`` runs the GEMMs.
 
     ``tokens`` = (ids (T, B), token_table(...)) stands in for x where layer 0 reads a token table (table_fits).
+    Between two plain LSTM layers in the panel layout the output passes feature-major, (T, H, N), and the
+    next layer folds its input projection into its steps (run_lstm_t's fm_in).
     Returns the last layer's output (T, B, D * P).
     """
+    B = valid.shape[1]
+    fm = [_plain_lstm(ly) and fused.layout(B, ly.hidden)[0] for ly in layers]
     k = 0
+    fm_in = False
     for li, ly in enumerate(layers):
+        fm_out = fm[li] and li + 1 < len(layers) and fm[li + 1]
         outs = []
         for dw in ly.dirs:
             h, c = state[k]
             if li == 0 and tokens is not None:
-                outs.append(run_lstm_t(ly, dw, None, h, c, valid, wk, tokens))
+                outs.append(run_lstm_t(ly, dw, None, h, c, valid, wk, tokens, fm_out=fm_out))
+            elif fm_in or fm_out:
+                outs.append(run_lstm_t(ly, dw, x, h, c, valid, wk, fm_in=fm_in, fm_out=fm_out))
             else:
                 outs.append(run_direction(ly, dw, x, h, c, valid, wk))
             k += 1
         x = outs[0] if len(outs) == 1 else np.concatenate(outs, axis=2)
+        fm_in = fm_out
     return x

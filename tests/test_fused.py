@@ -9,7 +9,7 @@ import pytest
 from numba import njit
 
 from lstm_infer import fused, kernels, recurrent
-from lstm_infer.simd import rows_gemm
+from lstm_infer.simd import rows_gemm, rows_gemm2
 from lstm_infer.workers import Workers
 from tests import naive
 from tests.util import assert_close
@@ -38,6 +38,25 @@ def test_rows_gemm(K, N):
         _rows_gemm(w, r0, r1, h, out, o0, wide)
         assert_close(out[o0:o0 + r1 - r0], ref[r0:r1], atol=1e-5 * K)
         assert np.isnan(out[:o0]).all() and np.isnan(out[o0 + r1 - r0:]).all()  # nothing outside the rows
+
+
+@njit(cache=True)
+def _rows_gemm2(w, h, w2, h2, r0, r1, out, o0):
+    rows_gemm2(w, h, w2, h2, r0, r1, out, o0)
+
+
+@pytest.mark.parametrize("K,K2", [(1, 7), (64, 0), (0, 64), (130, 513)])
+@pytest.mark.parametrize("N", [16, 32, 48, 64, 80])
+def test_rows_gemm2(K, K2, N):
+    """Two products summed in one tile, including an empty one and a re-run row tail."""
+    M = 40
+    w, h, w2, h2 = u(M, K), u(K, N), u(M, K2), u(K2, N)
+    ref = w.astype(np.float64) @ h + w2.astype(np.float64) @ h2
+    for r0, r1, o0 in ((0, M, 0), (3, 16, 0), (5, 34, 2), (8, 16, 30)):
+        out = np.full((M + 2, N), np.nan, np.float32)
+        _rows_gemm2(w, h, w2, h2, r0, r1, out, o0)
+        assert_close(out[o0:o0 + r1 - r0], ref[r0:r1], atol=1e-5 * (K + K2 + 1))
+        assert np.isnan(out[:o0]).all() and np.isnan(out[o0 + r1 - r0:]).all()
 
 
 def reference(x, w_ih, w_hh, bias, peep, clip, input_forget, valid, reverse, h, c):
@@ -121,6 +140,56 @@ def _check_direction(B, H, peep, clip, input_forget, ragged, reverse, threads):
     assert_close(out, ref_out)
     assert_close(h, ref_h)
     assert_close(c, ref_c)
+
+
+def _direction(I, H, peep, clip, input_forget, reverse=False):
+    w_ih, w_hh, bias = u(4 * H, I, scale=0.8), u(4 * H, H, scale=1.5 / np.sqrt(H)), u(4 * H, scale=0.6)
+    p = u(3, H) if peep else np.zeros((3, H), np.float32)
+    dw = recurrent.Direction(w_ih=w_ih, w_hh=w_hh, bias=bias, b_hn=None, peep=p, w_hr=None,
+                             codes=np.array([0, 1, 1]), alphas=np.zeros(3, np.float32),
+                             betas=np.zeros(3, np.float32), standard=True, reverse=reverse)
+    return recurrent.Layer(cell="lstm", input_size=I, hidden=H, out=H,
+                           clip=np.float32(clip) if clip else kernels.BIG, input_forget=input_forget, lbr=False,
+                           dirs=[dw])
+
+
+@pytest.mark.parametrize("B,sizes,T,ragged", [
+    (9, (24, 40, 19), 11, True),  # 7 padding columns, three layer sizes, a 3-unit tail block
+    (32, (64, 64), 40, False),  # two chunks of 32 and 8 steps
+    (20, (128, 96), 24, True),  # chunks long enough for a gang
+])
+@pytest.mark.parametrize("threads", [1, 2, 3])
+def test_stack_folds_input_projection(B, sizes, T, ragged, threads, monkeypatch):
+    """Plain LSTM layers in the panel layout pass their output feature-major and the next layer computes
+    W_ih x_t inside its steps: the stack = the layers run one by one in float64, and only layer 0 runs an
+    input-projection GEMM."""
+    I = 6
+    layers, k = [], I
+    for i, H in enumerate(sizes):
+        layers.append(_direction(k, H, peep=i == 1, clip=0.9 if i == 2 else None, input_forget=False,
+                                 reverse=i == 2))
+        k = H
+    x = u(T, B, I)
+    lengths = rng.integers(0, T + 1, B) if ragged else np.full(B, T)
+    valid = np.arange(T)[:, None] < lengths[None, :]
+    state = recurrent.zero_state(layers, B)
+    for h, c in state:
+        h[...], c[...] = u(*h.shape), u(*c.shape)
+    init = [(h.copy(), c.copy()) for h, c in state]
+    calls = []
+    real = recurrent._input_projection
+    monkeypatch.setattr(recurrent, "_input_projection", lambda *a: calls.append(1) or real(*a))
+    out = recurrent.run_stack(layers, x, state, valid, Workers(threads))
+    assert len(calls) == -(-T // max(recurrent.STEP_CHUNK, -(-recurrent.STEP_CHUNK_ROWS // B)))  # layer 0's
+    ref = x
+    for ly, (h0, c0), (h, c) in zip(layers, init, state):
+        dw = ly.dirs[0]
+        ref, rh, rc = reference(ref, dw.w_ih, dw.w_hh, dw.bias, dw.peep, None if ly.clip == kernels.BIG else ly.clip,
+                                ly.input_forget, valid, dw.reverse, h0, c0)
+        assert_close(h, rh)
+        assert_close(c, rc)
+    assert out.shape == (T, B, sizes[-1])
+    assert_close(out, ref)
 
 
 def test_gather_table():
