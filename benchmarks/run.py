@@ -43,7 +43,10 @@ import report  # noqa: E402
 WORKER = HERE / "worker.py"
 THREAD_VARS = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS", "NUMBA_NUM_THREADS",
                "VECLIB_MAXIMUM_THREADS", "NUMEXPR_NUM_THREADS")
-GAP_S = 0.05  # pause between timed runs: the previous engine's spinning threads go to sleep
+GAP_S = 0.2  # pause between timed runs, so that the previous engine's spinning threads have gone to sleep:
+# ONNX Runtime's keep a core busy for 40-50 ms after a run (measured: 0.04 CPU-s in the first 50 ms), and with
+# a 50 ms gap lstm-infer's char-model stream run after ORT's measured 10.6k tok/s against 12.8-13.2k alone or
+# after OpenVINO or PyTorch
 
 
 def log(msg: str) -> None:

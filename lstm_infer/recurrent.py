@@ -20,6 +20,7 @@ from .workers import Workers
 F32 = np.float32
 SERIAL_BELOW = 8192  # B * H under which per-step kernels run on one thread
 STEP_CHUNK, STEP_CHUNK_ROWS = 16, 1024  # input projection: at least 16 steps and 1024 rows per GEMM
+PROJECT_MIN_ROWS = 32  # a batch-1 chunk's projection takes fused.project_rows from this many steps per thread
 # Layer 0's input projection of every token, W_ih emb[v] + bias, replaces a GEMM per batch by a row copy
 # per token (10 KB for the benchmark's medium model, against 3.4 MFLOP). Built when it fits this size.
 TABLE_BYTES = 128 << 20
@@ -41,6 +42,7 @@ class Direction:
     betas: np.ndarray  # (n_act,) float32
     standard: bool  # activations are the cell's defaults with default parameters
     reverse: bool
+    w_ih_t: np.ndarray | None = None  # (I, G*H) copy of w_ih, made on first use (_input_projection)
 
 
 @dataclass
@@ -201,6 +203,13 @@ def _input_projection(dw: Direction, x: np.ndarray, gxs: np.ndarray, wk: Workers
     n, B, I = x.shape
     if B == 1:  # (n, G, 1) is the GEMM's own (n, G) layout
         g2 = gxs.reshape(n, -1)
+        G = g2.shape[1]
+        if n >= PROJECT_MIN_ROWS and G % fused.LANES == 0 and I > 0:
+            if dw.w_ih_t is None:
+                dw.w_ih_t = np.ascontiguousarray(dw.w_ih.T)
+            x2 = np.ascontiguousarray(x.reshape(n, I))
+            wk.split(lambda s, e: fused.project_rows(x2, s, e, dw.w_ih_t, dw.bias, g2), n, PROJECT_MIN_ROWS)
+            return
         wk.matmul(x.reshape(n, I), dw.w_ih.T, out=g2)
         g2 += dw.bias
         return

@@ -192,6 +192,41 @@ def test_stack_folds_input_projection(B, sizes, T, ragged, threads, monkeypatch)
     assert_close(out, ref)
 
 
+@pytest.mark.parametrize("n,I,G", [(8, 7, 16), (45, 64, 48), (100, 130, 1280)])
+def test_project_rows(n, I, G):
+    """A batch-1 chunk's input projection through the panel tiles (a ragged row tail, split in two parts
+    as two threads would take it) against float64."""
+    x, w, b = u(n, I), u(G, I), u(G)
+    out = np.full((n, G), np.nan, np.float32)
+    h = n // 2 if n >= 16 else n
+    fused.project_rows(x, 0, h, np.ascontiguousarray(w.T), b, out)
+    if h < n:
+        fused.project_rows(x, h, n, np.ascontiguousarray(w.T), b, out)
+    assert_close(out, x.astype(np.float64) @ w.T + b, atol=1e-5 * I)
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_batch1_projection_path(threads, monkeypatch):
+    """A batch-1 direction long enough for fused.project_rows (G = 4H a multiple of 16) = the reference, and
+    the projection really took that path."""
+    calls = []
+    real = fused.project_rows
+    monkeypatch.setattr(fused, "project_rows", lambda *a: calls.append(1) or real(*a))
+    T, I, H = 70, 24, 36
+    ly = _direction(I, H, peep=False, clip=None, input_forget=False)
+    dw = ly.dirs[0]
+    x = u(T, 1, I)
+    valid = np.ones((T, 1), bool)
+    h0, c0 = u(1, H), u(1, H)
+    h, c = h0.copy(), c0.copy()
+    out = recurrent.run_lstm_t(ly, dw, x, h, c, valid, Workers(threads))
+    ref_out, ref_h, ref_c = reference(x, dw.w_ih, dw.w_hh, dw.bias, dw.peep, None, False, valid, False, h0, c0)
+    assert calls
+    assert_close(out, ref_out)
+    assert_close(h, ref_h)
+    assert_close(c, ref_c)
+
+
 def test_gather_table():
     table, ids = u(30, 12), rng.integers(0, 30, (5, 9))
     for kernel, t in ((kernels.gather_table, table), (kernels.gather_table_columns, np.ascontiguousarray(table.T))):
