@@ -24,7 +24,7 @@ import numba
 import numpy as np
 
 from . import decode_kernels as dk
-from . import recurrent
+from . import gang, recurrent
 from .errors import LstmInferError
 from .format import CELLS
 from .simd import LANES
@@ -218,6 +218,15 @@ def _numba_threads(model) -> None:
     numba.set_num_threads(model.threads)
 
 
+GANG_MIN_STEPS = 8  # decoding runs on a gang (dk.decode_rows_gang) from this many steps per call
+
+
+def _gang_fits(model, net: tuple, steps: int) -> bool:
+    """Whether advance() runs on a gang: a plain LSTM in panels with the head in panels, more than one
+    thread, and enough steps to pay for waking the pool (20-50 us)."""
+    return model.threads > 1 and net[12] > 0 and net[13].shape[0] > 0 and steps >= GANG_MIN_STEPS
+
+
 def _blocks(model, k: int) -> int:
     return max(1, min(k, 4 * model.threads))
 
@@ -312,12 +321,35 @@ class _Rows:
     def finished(self) -> bool:
         return self.t >= self.opts.max_new_tokens or bool(self.done.all())
 
+    def _advance_gang(self, steps: int, common: tuple) -> None:
+        """advance() on the model's worker threads as a gang (dk.decode_rows_gang)."""
+        m, b, net = self.model, self.buf, self.net
+        R, K, L = len(self.tok), m.vocab_size, b.h.shape[1]
+        nblk = _blocks(m, K)
+        members = m.threads
+        shared = (np.empty((R, K), F32), np.empty((R, nblk), F32), np.empty((R, nblk), F32),
+                  np.empty((nblk, max(R, 5), 64), F32), np.zeros(steps, np.int64),
+                  gang.new_counters(steps * (L + 2), members))
+        result = []
+
+        def member(me: int, members: int) -> None:
+            r = dk.decode_rows_gang(net, b.h, b.c, self.cur, self.tok, self.par, R, self.t, steps, nblk, *common,
+                                    self.done, self.out_ids, self.out_lp, *shared, me, members)
+            if me == 0:
+                result.append(r)
+
+        m.workers.gang(member, members)
+        self.t, self.cur = result[0]
+
     def advance(self, steps: int) -> None:
         o, m = self.opts, self.model
         steps = min(steps, o.max_new_tokens - self.t)
         common = (o.min_new_tokens, self.eos, o.stop_at_eos, o.method == "sample", o.temperature, o.top_k, o.top_p,
                   self.rng)
         R = len(self.tok)
+        if self.net is not None and _gang_fits(m, self.net, steps):
+            self._advance_gang(steps, common)
+            return
         if self.net is not None:
             b = self.buf
             _numba_threads(m)

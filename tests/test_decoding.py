@@ -11,6 +11,7 @@ torch = pytest.importorskip("torch")
 from torch import nn  # noqa: E402
 
 from lstm_infer import LstmInferError, decoding  # noqa: E402
+from lstm_infer import decode_kernels as dk  # noqa: E402
 from lstm_infer import format as fmt  # noqa: E402
 from lstm_infer.model import load  # noqa: E402
 from tests import naive  # noqa: E402
@@ -418,3 +419,33 @@ def test_cli_generate(tmp_path):
                                                                       max_new_tokens=12)]
     r = run("ab", "--method", "sample", "--temperature", "0")
     assert r.exit_code == 1 and "temperature must be > 0" in r.stderr and r.stderr.count("\n") == 1
+
+
+@pytest.mark.parametrize("threads", [2, 3])
+def test_gang_decoder_equals_step_path(threads, tmp_path, monkeypatch):
+    """Greedy and sampled rows on a gang of threads (dk.decode_rows_gang: 2-layer LSTM, H = 20 in two panels,
+    with and without the layer-0 table) = Model.step's tokens and log-probs, and the gang really ran. A
+    streaming advance of one step at a time stays on the parallel regions."""
+    emb, rnn, head = lm_modules("lstm", 5, V=13, E=6, H=20, num_layers=2)
+    model = engine_from_torch(rnn, "lstm", tmp_path, embedding=emb, head=head, vocab=vocab_of(13),
+                              tokenizer=CHAR_TOK, threads=threads)
+    calls = []
+    real = dk.decode_rows_gang
+    monkeypatch.setattr(dk, "decode_rows_gang", lambda *a: calls.append(a[-2]) or real(*a))
+    budget = decoding.TABLE_BYTES
+    for kw in (dict(), dict(method="sample", num_hypotheses=7, seed=3, top_k=5, temperature=0.9),
+               dict(method="sample", num_hypotheses=3, seed=4, top_p=0.8, min_new_tokens=12)):
+        slow = model.generate("ab", max_new_tokens=20, engine="step", **kw)
+        for table in (True, False):
+            # without the table (13 x 80 floats) but with the head's panels (13 x 20)
+            monkeypatch.setattr(decoding, "TABLE_BYTES", budget if table else 13 * 40 * 4)
+            model._decode_net = None
+            calls.clear()
+            fast = model.generate("ab", max_new_tokens=20, engine="compiled", **kw)
+            assert len(model._decode_net[0][6]) == (13 if table else 0) and len(model._decode_net[0][13])
+            assert sorted(calls) == list(range(model.threads)), (kw, table)  # every member ran once
+            assert [(h.ids, h.ended) for h in fast] == [(h.ids, h.ended) for h in slow], (kw, table)
+            assert_close([h.log_prob for h in fast], [h.log_prob for h in slow], atol=1e-5)
+    calls.clear()
+    pieces = list(model.generate_tokens("ab", max_new_tokens=5))
+    assert pieces and not calls
