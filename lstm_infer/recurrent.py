@@ -181,9 +181,7 @@ def _member(steps, args: tuple, me: int, members: int) -> None:
 
 def table_fits(layers: list[Layer], vocab: int | None) -> bool:
     """Whether layer 0 can read a token table: a one-direction standard LSTM without projection."""
-    ly = layers[0]
-    return (vocab is not None and ly.cell == "lstm" and len(ly.dirs) == 1 and ly.dirs[0].standard
-            and ly.dirs[0].w_hr is None and vocab * 4 * ly.hidden * 4 <= TABLE_BYTES)
+    return vocab is not None and _plain_lstm(layers[0]) and vocab * 4 * layers[0].hidden * 4 <= TABLE_BYTES
 
 
 def token_table(ly: Layer, embedding: np.ndarray) -> tuple[np.ndarray, bool, np.ndarray]:
