@@ -594,74 +594,93 @@ def decode_rows(net, hbuf, cbuf, scratch, cur, tok, par, n, t0, steps, nblk, min
 
 
 @njit(**FAST)
+def _gang_scratch(net, hbuf, n):
+    """A gang member's own scratch for _gang_forward: (z, o, x0, zeros, ident)."""
+    table, isz, emb = net[6], net[4], net[9]
+    P = hbuf.shape[3]
+    kmax = 0
+    for l in range(hbuf.shape[1]):
+        kmax = max(kmax, isz[l] + P)
+    z = np.empty(n * kmax, F32)  # this member's copy of the rows a layer's panels multiply
+    o = np.empty((max(n, 5), 64), F32)
+    x0 = np.empty((n, 0 if table.shape[0] > 0 else emb.shape[1]), F32)
+    return z, o, x0, np.zeros(n, np.int64), np.arange(n)
+
+
+@njit(inline="always", **FAST)
+def _gang_forward(net, hbuf, cbuf, cur, tok, par, n, nblk, logits, bmax, bsum, acc, scratch, counters, phase, me,
+                  members):
+    """One step of every layer and of the head for rows b < n (token tok[b], state row par[b] of half cur),
+    run by each member of a gang: the members share each layer's panels and the head's blocks through
+    ``counters`` row ``phase`` onwards and meet after each. Returns the next free phase."""
+    table, bias, w, woff, isz, Hp, head_w, head_t, head_b = (net[6], net[5], net[2], net[3], net[4], net[12],
+                                                             net[10], net[13], net[11])
+    z, o, x0, zeros, ident = scratch
+    L = hbuf.shape[1]
+    P = hbuf.shape[3]
+    npan = Hp // 16
+    nxt = 1 - cur
+    for l in range(L):
+        wt = w[woff[l]:woff[l + 1]].reshape((npan, isz[l] + P, 64))
+        if l == 0 and table.shape[0] == 0:
+            for b in range(n):
+                x0[b] = net[9][tok[b]]
+        x = x0[:n] if l == 0 else hbuf[nxt, l - 1]
+        zl = z[:n * (isz[l] + P)].reshape((n, isz[l] + P))  # contiguous: the panels take its row stride
+        _rows_in(x, hbuf[cur, l], par, n, zl)
+        pre, prow = (table, tok) if l == 0 and table.shape[0] > 0 else (bias[l], zeros)
+        k = take(counters, phase, me, members, npan)
+        while k >= 0:
+            _cells_t_panel(k, wt, pre, prow, zl, cbuf[cur, l], par, n, cbuf[nxt, l], hbuf[nxt, l], o)
+            finish(counters, phase, members)
+            k = take(counters, phase, me, members, npan)
+        wait_all(counters, phase, members, npan)
+        phase += 1
+    f = hbuf[nxt, L - 1]
+    k = take(counters, phase, me, members, nblk)
+    while k >= 0:
+        _head_block(k, head_w, head_t, head_b, f, ident, n, nblk, acc, logits, bmax, bsum)
+        finish(counters, phase, members)
+        k = take(counters, phase, me, members, nblk)
+    wait_all(counters, phase, members, nblk)
+    return phase + 1
+
+
+@njit(**FAST)
 def decode_rows_gang(net, hbuf, cbuf, cur, tok, par, n, t0, steps, nblk, min_new, eos, stop, sample,
                      temperature, top_k, top_p, rng, done, out_ids, out_lp, logits, bmax, bsum, acc, ctl,
                      counters, me, members):
     """decode_rows for a plain LSTM in panels (net Hp > 0, head_t not empty), run by every member of a gang
-    (gang.py) instead of a Numba parallel region per layer and head: members share each layer's panels
-    and the head's blocks through ``counters`` (gang.new_counters(steps * (L + 2), members)) and meet
-    after each; one of them then computes the log-sum-exp and picks the tokens (rng draws included) while
-    the others wait. Its waits spin, so the cores never sleep between steps: after 0.2 s idle, TBB's
-    workers, woken for every region, took a 2-thread greedy run from 47 to 57-72 us per token.
+    (gang.py) instead of a Numba parallel region per layer and head (_gang_forward); after each step one
+    member computes the log-sum-exp and picks the tokens (rng draws included) while the others wait. Its
+    waits spin, so the cores never sleep between steps: after 0.2 s idle, TBB's workers, woken for every
+    region, took a 2-thread greedy run from 47 to 57-72 us per token.
 
     Shared scratch: logits (n, K), bmax, bsum (n, nblk), acc (nblk, max(n, 5), 64), ctl (steps,) int64 zeros,
     ctl[s] set when every row is done after step t0 + s (one flag per step: a member that lags a step
-    behind, which block sharing allows, still reads its own step's flag). Every member returns the same
-    (the step after the last one run, the half holding the state).
+    behind, which block sharing allows, still reads its own step's flag); counters
+    gang.new_counters(steps * (L + 2), members). Every member returns the same (the step after the last
+    one run, the half holding the state).
     """
-    table, bias, w, woff, isz, Hp, head_w, head_t, head_b = (net[6], net[5], net[2], net[3], net[4], net[12],
-                                                             net[10], net[13], net[11])
-    L = hbuf.shape[1]
-    P = hbuf.shape[3]
-    npan = Hp // 16
-    ident = np.arange(n)
-    zeros = np.zeros(n, np.int64)
-    kmax = 0
-    for l in range(L):
-        kmax = max(kmax, isz[l] + P)
-    z = np.empty(n * kmax, F32)  # this member's copy of the rows a layer's panels multiply
-    emb = net[9]
-    o = np.empty((max(n, 5), 64), F32)
-    x0 = np.empty((n, 0 if table.shape[0] > 0 else emb.shape[1]), F32)
+    head_w = net[10]
+    scratch = _gang_scratch(net, hbuf, n)
+    ident = scratch[4]
     lse = np.empty(n)
     e, idx = np.empty(head_w.shape[0], F32), np.empty(head_w.shape[0], np.int64)
     phase = 0
     t = t0
     while t < t0 + steps:
-        nxt = 1 - cur
-        for l in range(L):
-            wt = w[woff[l]:woff[l + 1]].reshape((npan, isz[l] + P, 64))
-            if l == 0 and table.shape[0] == 0:
-                for b in range(n):
-                    x0[b] = emb[tok[b]]
-            x = x0 if l == 0 else hbuf[nxt, l - 1]
-            zl = z[:n * (isz[l] + P)].reshape((n, isz[l] + P))  # contiguous: the panels take its row stride
-            _rows_in(x, hbuf[cur, l], par, n, zl)
-            pre, prow = (table, tok) if l == 0 and table.shape[0] > 0 else (bias[l], zeros)
-            k = take(counters, phase, me, members, npan)
-            while k >= 0:
-                _cells_t_panel(k, wt, pre, prow, zl, cbuf[cur, l], par, n, cbuf[nxt, l], hbuf[nxt, l], o)
-                finish(counters, phase, members)
-                k = take(counters, phase, me, members, npan)
-            wait_all(counters, phase, members, npan)
-            phase += 1
-        f = hbuf[nxt, L - 1]
-        k = take(counters, phase, me, members, nblk)
-        while k >= 0:
-            _head_block(k, head_w, head_t, head_b, f, ident, n, nblk, acc, logits, bmax, bsum)
-            finish(counters, phase, members)
-            k = take(counters, phase, me, members, nblk)
-        wait_all(counters, phase, members, nblk)
-        phase += 1
+        phase = _gang_forward(net, hbuf, cbuf, cur, tok, par, n, nblk, logits, bmax, bsum, acc, scratch, counters,
+                              phase, me, members)
         if me == 0:  # the caller picks (its rng is the one whose state the caller's Generator keeps)
             par[:n] = ident
             _lse(bmax, bsum, n, nblk, lse)
             ctl[t - t0] = pick_rows(logits, lse, n, t, min_new, eos, stop, sample, temperature, top_k, top_p, rng,
-                               done, tok, out_ids, out_lp, e, idx)
+                                    done, tok, out_ids, out_lp, e, idx)
             finish(counters, phase, members)
         wait_all(counters, phase, members, 1)
         phase += 1
-        cur = nxt
+        cur = 1 - cur
         t += 1
         if ctl[t - 1 - t0]:
             break
@@ -674,27 +693,33 @@ def decode_rows_gang(net, hbuf, cbuf, cur, tok, par, n, t0, steps, nblk, min_new
 def block_candidates(logits, base, n, ban, nblk, cs, ci, cnt):
     """Per vocabulary block, the best C = cs.shape[1] of base[b] + logits[b, v] over rows b < n,
     v != ban, sorted by score, then by flat index b * K + v (ties keep the lower index)."""
+    for blk in prange(nblk):
+        _block_candidates(blk, logits, base, n, ban, nblk, cs, ci, cnt)
+
+
+@njit(inline="always", **FAST)
+def _block_candidates(blk, logits, base, n, ban, nblk, cs, ci, cnt):
+    """Block blk of block_candidates."""
     K = logits.shape[1]
     C = cs.shape[1]
-    for blk in prange(nblk):
-        lo, hi = blk * K // nblk, (blk + 1) * K // nblk
-        m = 0
-        for b in range(n):
-            bb = base[b]
-            lb = logits[b]
-            for v in range(lo, hi):
-                s = bb + lb[v]
-                if v == ban or (m == C and s <= cs[blk, C - 1]):
-                    continue
-                i = min(m, C - 1)
-                while i > 0 and cs[blk, i - 1] < s:
-                    cs[blk, i] = cs[blk, i - 1]
-                    ci[blk, i] = ci[blk, i - 1]
-                    i -= 1
-                cs[blk, i] = s
-                ci[blk, i] = b * K + v
-                m = min(m + 1, C)
-        cnt[blk] = m
+    lo, hi = blk * K // nblk, (blk + 1) * K // nblk
+    m = 0
+    for b in range(n):
+        bb = base[b]
+        lb = logits[b]
+        for v in range(lo, hi):
+            s = bb + lb[v]
+            if v == ban or (m == C and s <= cs[blk, C - 1]):
+                continue
+            i = min(m, C - 1)
+            while i > 0 and cs[blk, i - 1] < s:
+                cs[blk, i] = cs[blk, i - 1]
+                ci[blk, i] = ci[blk, i - 1]
+                i -= 1
+            cs[blk, i] = s
+            ci[blk, i] = b * K + v
+            m = min(m + 1, C)
+    cnt[blk] = m
 
 
 @njit(**FAST)
@@ -751,14 +776,23 @@ def beam_update(logits, lse, live, n, t, beam, max_new, min_new, eos, stop, alph
     its length counting the eos. Returns (new live count, whether the search is over: at max_new, no
     live beam left, or the N = fin_score.shape[0] best finished cannot be beaten by a live beam).
     """
-    K = logits.shape[1]
-    C = 2 * beam
     base = np.empty(n)
     for b in range(n):
         base[b] = live[b] - lse[b]
     ban = eos if (eos >= 0 and t < min_new) else -1
+    C = 2 * beam
     cs, ci, cnt = np.empty((nblk, C)), np.empty((nblk, C), np.int64), np.empty(nblk, np.int64)
     block_candidates(logits, base, n, ban, nblk, cs, ci, cnt)
+    return beam_select(cs, ci, cnt, logits.shape[1], live, t, beam, max_new, eos, stop, alpha, hist, back,
+                       fin_score, fin_lp, fin_t, fin_b, fin_end, fcount)
+
+
+@njit(**FAST)
+def beam_select(cs, ci, cnt, K, live, t, beam, max_new, eos, stop, alpha, hist, back, fin_score, fin_lp, fin_t,
+                fin_b, fin_end, fcount):
+    """The rest of beam_update once each vocabulary block (K tokens in all) has its candidates cs, ci, cnt
+    (block_candidates, with C = 2 * beam columns)."""
+    C = 2 * beam
     ms, mi = np.empty(C), np.empty(C, np.int64)
     mc = merge_candidates(cs, ci, cnt, ms, mi)
     nl = 0
@@ -824,3 +858,53 @@ def beam_search(net, hbuf, cbuf, scratch, cur, tok0, beam, max_new, min_new, eos
             break
         tok[:n] = hist[t, :n]
         par[:n] = back[t, :n]
+
+
+@njit(**FAST)
+def beam_search_gang(net, hbuf, cbuf, cur, beam, max_new, min_new, eos, stop, alpha, nblk, hist, back, fin_score,
+                     fin_lp, fin_t, fin_b, fin_end, fcount, tok, par, live, logits, bmax, bsum, acc, cs, ci, cnt, ctl,
+                     counters, me, members):
+    """beam_search on a gang, for the models decode_rows_gang takes: every member runs the layers and the
+    head (_gang_forward) and a share of the vocabulary blocks' candidates, then one member selects the new
+    beams while the others wait. The caller sets tok[0] and par[0] (state row) before the members start: no
+    member writes shared state before the first step is done.
+
+    Shared: tok, par (beam,) int64; live (beam,) float64 zeros; logits (beam, K), bmax, bsum (beam, nblk);
+    acc (nblk, max(beam, 5), 64); cs (nblk, 2 * beam) float64, ci (nblk, 2 * beam) int64, cnt (nblk,) int64;
+    ctl (max_new, 2) int64: after step t the live count and whether the search is over (a slot per step,
+    as in decode_rows_gang); counters gang.new_counters(max_new * (L + 3), members).
+    """
+    K = logits.shape[1]
+    scratch = _gang_scratch(net, hbuf, beam)
+    lse, base = np.empty(beam), np.empty(beam)
+    phase = 0
+    n = np.int64(1)
+    for t in range(max_new):
+        phase = _gang_forward(net, hbuf, cbuf, cur, tok, par, n, nblk, logits, bmax, bsum, acc, scratch, counters,
+                              phase, me, members)
+        _lse(bmax, bsum, n, nblk, lse)  # every member: its candidate blocks need base
+        for b in range(n):
+            base[b] = live[b] - lse[b]
+        ban = eos if (eos >= 0 and t < min_new) else -1
+        k = take(counters, phase, me, members, nblk)
+        while k >= 0:
+            _block_candidates(k, logits, base, n, ban, nblk, cs, ci, cnt)
+            finish(counters, phase, members)
+            k = take(counters, phase, me, members, nblk)
+        wait_all(counters, phase, members, nblk)
+        phase += 1
+        if me == 0:  # the others have read live, tok and par for this step: all phases before are done
+            nl, over = beam_select(cs, ci, cnt, K, live, t, beam, max_new, eos, stop, alpha, hist, back, fin_score,
+                                   fin_lp, fin_t, fin_b, fin_end, fcount)
+            if not over:
+                tok[:nl] = hist[t, :nl]
+                par[:nl] = back[t, :nl]
+            ctl[t, 0] = nl
+            ctl[t, 1] = over
+            finish(counters, phase, members)
+        wait_all(counters, phase, members, 1)
+        phase += 1
+        cur = 1 - cur
+        if ctl[t, 1]:
+            break
+        n = ctl[t, 0]

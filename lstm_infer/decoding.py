@@ -386,6 +386,20 @@ def _hypothesis(model, ids: np.ndarray, log_prob: float, ended: bool, alpha: flo
 
 # --------------------------------------------------------------------------- beam search
 
+def _beam_gang(model, net: tuple, buf: _Buffers, tok0: int, common: tuple, hist: np.ndarray, back: np.ndarray,
+               fin: tuple) -> None:
+    """dk.beam_search on the model's worker threads as a gang (dk.beam_search_gang)."""
+    K, T, nblk = common[0], common[1], common[-1]
+    V, L, members = model.vocab_size, buf.h.shape[1], model.threads
+    tok, par = np.zeros(K, np.int64), np.zeros(K, np.int64)
+    tok[0] = tok0  # before the members start: none of them writes shared state before the first step ends
+    shared = (tok, par, np.zeros(K), np.empty((K, V), F32), np.empty((K, nblk), F32), np.empty((K, nblk), F32),
+              np.empty((nblk, max(K, 5), 64), F32), np.empty((nblk, 2 * K)), np.empty((nblk, 2 * K), np.int64),
+              np.empty(nblk, np.int64), np.zeros((T, 2), np.int64), gang.new_counters(T * (L + 3), members))
+    model.workers.gang(lambda me, members: dk.beam_search_gang(net, buf.h, buf.c, 0, *common, hist, back, *fin,
+                                                              *shared, me, members), members)
+
+
 def _beam(model, opts: Options, seq: np.ndarray) -> list[Hypothesis]:
     net = _net(model, opts.engine)
     _, eos = _start_eos(model)
@@ -396,7 +410,9 @@ def _beam(model, opts: Options, seq: np.ndarray) -> list[Hypothesis]:
     fin = (np.zeros(N), np.zeros(N), np.zeros(N, np.int64), np.zeros(N, np.int64), np.zeros(N, np.bool_),
            np.zeros(1, np.int64))
     common = (K, T, opts.min_new_tokens, eos, opts.stop_at_eos, alpha, _blocks(model, model.vocab_size))
-    if net is not None:
+    if net is not None and _gang_fits(model, net, T):
+        _beam_gang(model, net, _Buffers(model, st, K), int(last[0]), common, hist, back, fin)
+    elif net is not None:
         buf = _Buffers(model, st, K)
         _numba_threads(model)
         dk.beam_search(net, buf.h, buf.c, buf.scratch, 0, int(last[0]), *common, hist, back, *fin)

@@ -423,18 +423,22 @@ def test_cli_generate(tmp_path):
 
 @pytest.mark.parametrize("threads", [2, 3])
 def test_gang_decoder_equals_step_path(threads, tmp_path, monkeypatch):
-    """Greedy and sampled rows on a gang of threads (dk.decode_rows_gang: 2-layer LSTM, H = 20 in two panels,
-    with and without the layer-0 table) = Model.step's tokens and log-probs, and the gang really ran. A
-    streaming advance of one step at a time stays on the parallel regions."""
+    """Greedy and sampled rows and beams on a gang of threads (dk.decode_rows_gang, dk.beam_search_gang:
+    2-layer LSTM, H = 20 in two panels, with and without the layer-0 table) = Model.step's tokens and
+    log-probs, and the gang really ran. A streaming advance of one step at a time stays on the parallel
+    regions."""
     emb, rnn, head = lm_modules("lstm", 5, V=13, E=6, H=20, num_layers=2)
     model = engine_from_torch(rnn, "lstm", tmp_path, embedding=emb, head=head, vocab=vocab_of(13),
                               tokenizer=CHAR_TOK, threads=threads)
     calls = []
-    real = dk.decode_rows_gang
-    monkeypatch.setattr(dk, "decode_rows_gang", lambda *a: calls.append(a[-2]) or real(*a))
+    for name in ("decode_rows_gang", "beam_search_gang"):
+        real = getattr(dk, name)
+        monkeypatch.setattr(dk, name, lambda *a, real=real: calls.append(a[-2]) or real(*a))
     budget = decoding.TABLE_BYTES
     for kw in (dict(), dict(method="sample", num_hypotheses=7, seed=3, top_k=5, temperature=0.9),
-               dict(method="sample", num_hypotheses=3, seed=4, top_p=0.8, min_new_tokens=12)):
+               dict(method="sample", num_hypotheses=3, seed=4, top_p=0.8, min_new_tokens=12),
+               dict(method="beam", beam_size=5, num_hypotheses=3, length_penalty=0.8, min_new_tokens=3),
+               dict(method="beam", beam_size=7, num_hypotheses=2, stop_at_eos=False)):
         slow = model.generate("ab", max_new_tokens=20, engine="step", **kw)
         for table in (True, False):
             # without the table (13 x 80 floats) but with the head's panels (13 x 20)
