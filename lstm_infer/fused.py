@@ -27,7 +27,7 @@ from numba import njit, prange
 
 from .gang import finish, take, wait_all
 from .kernels import FAST, _clip, fsigmoid, ftanh
-from .simd import LANES, rows_gemm, rows_gemm2
+from .simd import LANES, rows_gemm, rows_gemm2, small_rows
 
 _ZERO, _ONE = np.float32(0.0), np.float32(1.0)
 PANEL_MIN_BATCH = 9  # batches from this size take the panel layout
@@ -128,7 +128,15 @@ def _dot_block(gx, w_hh, peep, has_peep, clip, input_forget, valid, hp, hn, c, o
         for b in range(b0, B):
             a0[b], a1[b], a2[b], a3[b] = dot4x1(w0, w1, w2, w3, hp[b])
     _gates(gx, peep, has_peep, clip, input_forget, c, acc, j0, j1)
-    for j in range(j0, j1):  # the mask and the strided stores of h stay out of the vectorised loop
+    _commit_rows(acc, valid, hp, hn, c, out, j0, j1)
+
+
+@njit(inline="always", **FAST)
+def _commit_rows(acc, valid, hp, hn, c, out, j0, j1):
+    """Units j0 .. j1 of a batch-major step (dot and row layouts): y = acc[0] and c' = acc[1] (_gates) into
+    hn, out (B, H) and c (H, B). The mask and the strided stores of h stay out of the vectorised loop."""
+    B = hp.shape[0]
+    for j in range(j0, j1):
         yj, cnj, cj = acc[0, j], acc[1, j], c[j]
         for b in range(B):
             if valid[b]:  # a row past its length keeps its state and emits zeros
@@ -138,6 +146,23 @@ def _dot_block(gx, w_hh, peep, has_peep, clip, input_forget, valid, hp, hn, c, o
             else:
                 hn[b, j] = hp[b, j]
                 out[b, j] = _ZERO
+
+
+@njit(**FAST)
+def _row_block(gx, wp, peep, has_peep, clip, input_forget, valid, hp, hn, c, out, acc, o, p0, p1):
+    """Row layout (batch 1), panels p0 .. p1 of wp (Hp/16, H, 64), i.e. units 16 p0 .. min(16 p1, H): gx
+    (4H, 1), hp, hn, out (1, H), c (H, 1), acc (4, H, 1), o (64,) scratch. Panel p's column g*16 + l holds
+    gate g of unit 16 p + l (row_panels): h times a panel is one broadcast and four FMAs per k, with the
+    panel read front to back, no horizontal sums (simd.small_rows)."""
+    H = c.shape[0]
+    for p in range(p0, p1):
+        small_rows(1, hp.ctypes.data, H, wp[p].ctypes.data, 64, H, o.ctypes.data, 64)
+        for q in range(min(16, H - 16 * p)):
+            j = 16 * p + q
+            acc[0, j, 0], acc[1, j, 0], acc[2, j, 0], acc[3, j, 0] = o[q], o[16 + q], o[32 + q], o[48 + q]
+    j0, j1 = 16 * p0, min(16 * p1, H)
+    _gates(gx, peep, has_peep, clip, input_forget, c, acc, j0, j1)
+    _commit_rows(acc, valid, hp, hn, c, out, j0, j1)
 
 
 @njit(**FAST)
@@ -310,6 +335,45 @@ def lstm_steps_dot(gx, w_hh, w_ih, x, peep, has_peep, clip, input_forget, valid,
             finish(counters, s, members)
             k = take(counters, s, me, members, nblk)
         wait_all(counters, s, members, nblk)
+
+
+@njit(**FAST)
+def lstm_steps_row(gx, wp, peep, has_peep, clip, input_forget, valid, reverse, hbuf, c, out, acc, per_block,
+                   counters, me, members):
+    """The dot loop's steps for a batch of one in the row layout (_row_block): gx (n, 4H, 1), wp (Hp/16, H, 64)
+    (row_panels), hbuf (2, 1, H), c (H, 1), out (n, 1, H), acc (4, H, 1); blocks of ``per_block`` panels."""
+    n = gx.shape[0]
+    npan = wp.shape[0]
+    nblk = -(-npan // per_block)
+    o = np.empty(64, np.float32)
+    for s in range(n):
+        t = n - 1 - s if reverse else s
+        hp, hn = hbuf[s % 2], hbuf[(s + 1) % 2]
+        k = take(counters, s, me, members, nblk)
+        while k >= 0:
+            _row_block(gx[t], wp, peep, has_peep, clip, input_forget, valid[t], hp, hn, c, out[t], acc, o,
+                       k * per_block, min(npan, k * per_block + per_block))
+            finish(counters, s, members)
+            k = take(counters, s, me, members, nblk)
+        wait_all(counters, s, members, nblk)
+
+
+def row_panels(w_hh: np.ndarray) -> np.ndarray:
+    """W_hh (4H, H) -> (Hp/16, H, 64) with Hp = H rounded up to 16: panel p's row k, column g*16 + l holds
+    W_hh[g*H + 16p + l, k] (zeros past H), the row layout's copy of the recurrent weights."""
+    G, H = 4, w_hh.shape[1]
+    Hp = -(-H // LANES) * LANES
+    w = np.zeros((G, Hp, H), np.float32)
+    w[:, :H] = w_hh.reshape(G, H, H)
+    return np.ascontiguousarray(w.reshape(G, Hp // LANES, LANES, H).transpose(1, 3, 0, 2)).reshape(Hp // LANES, H,
+                                                                                                  G * LANES)
+
+
+def row_blocks(H: int) -> tuple[int, int]:
+    """(panels per block, blocks) of a row-layout step: unit_block(1, H)'s units in whole panels."""
+    npan = -(-H // LANES)
+    per = max(1, -(-unit_block(1, H) // LANES))
+    return per, -(-npan // per)
 
 
 # The same loops with a Numba parallel region per step over the blocks (members() == 0), on a gathered gx

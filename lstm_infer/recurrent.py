@@ -43,6 +43,7 @@ class Direction:
     standard: bool  # activations are the cell's defaults with default parameters
     reverse: bool
     w_ih_t: np.ndarray | None = None  # (I, G*H) copy of w_ih, made on first use (_input_projection)
+    w_hh_p: np.ndarray | None = None  # (Hp/16, H, 64) copy of w_hh for batch-1 steps (fused.row_panels)
 
 
 @dataclass
@@ -163,7 +164,15 @@ def run_lstm_t(ly: Layer, dw: Direction, x: np.ndarray | None, h: np.ndarray, c:
             else:
                 _input_projection(dw, x[t0:t1], gxs[:n], wk)
             args = (gxs[:n], *common, no_table, False, no_ids)
-        if members:
+        if members and B == 1 and not panel:  # a batch of one on a gang: the row layout
+            if dw.w_hh_p is None:
+                dw.w_hh_p = fused.row_panels(dw.w_hh)
+            per, nblk = fused.row_blocks(H)
+            members = min(members, nblk)
+            row_args = (gxs[:n], dw.w_hh_p, dw.peep, peep, ly.clip, ly.input_forget, valid[t0:t1], dw.reverse, hbuf,
+                        cT, out[t0:t1], acc, per, gang.new_counters(n, members))
+            wk.gang(functools.partial(_member, fused.lstm_steps_row, row_args), members)
+        elif members:
             wk.gang(functools.partial(_member, steps, (*args, U, gang.new_counters(n, members))), members)
         else:  # Numba's threads: Model._threads set their count
             regions(*args, U)

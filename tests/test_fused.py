@@ -85,8 +85,11 @@ CASES = [  # B, H, peepholes, clip, input_forget, ragged, reverse
     (33, 19, True, 0.9, True, True, False),
     (70, 24, False, None, False, True, True),  # 80 columns: one 4-vector and one 1-vector tile
     (12, 5, False, None, False, False, False),  # H < 8: the dot layout even for a wide batch
-    # chunks big enough for a gang of threads (fused.members), which share each step's blocks of units
+    # chunks big enough for a gang of threads (fused.members), which share each step's blocks of units;
+    # a batch of one takes the row layout (fused.lstm_steps_row), also on a gang of one
     (1, 320, False, None, False, False, False),
+    (1, 330, True, 0.8, True, True, True),  # 21 panels, the last with 10 units
+    (1, 40, True, 0.7, False, True, True),
     (5, 140, True, 0.7, False, True, True),
     (20, 100, True, None, False, True, True),
     # steps big enough to split, chunks too short for a gang: a parallel region per step
@@ -136,6 +139,7 @@ def _check_direction(B, H, peep, clip, input_forget, ragged, reverse, threads):
                          dirs=[dw])
     h, c = h0.copy(), c0.copy()
     out = recurrent.run_lstm_t(ly, dw, x, h, c, valid, Workers(threads))
+    assert (dw.w_hh_p is not None) == (B == 1 and fused.members(threads, T, B, H, False) > 0)  # the row layout ran
     ref_out, ref_h, ref_c = reference(x, w_ih, w_hh, bias, p, clip, input_forget, valid, reverse, h0, c0)
     assert_close(out, ref_out)
     assert_close(h, ref_h)
