@@ -153,13 +153,13 @@ def _build_net(model) -> tuple:
     cell = layers[0].cell
     G, H, P = CELLS[cell], layers[0].hidden, layers[0].out
     dirs = [ly.dirs[0] for ly in layers]
-    bias = np.stack([np.asarray(d.bias).reshape(G, H).T for d in dirs])[:, None]
+    bias = np.stack([np.asarray(d.bias).reshape(G, H) for d in dirs])[:, None]
     V = model.vocab_size
     if V * G * H * 4 <= TABLE_BYTES:
         gx = np.matmul(np.asarray(model.embedding), np.asarray(dirs[0].w_ih).T) + dirs[0].bias  # (V, G*H)
-        table = gx.reshape(V, G, H).transpose(0, 2, 1)
+        table = gx.reshape(V, G, H)
     else:
-        table = np.zeros((0, H, G), F32)
+        table = np.zeros((0, G, H), F32)
     proj = dirs[0].w_hr is not None
     # A plain LSTM stores each layer transposed in panels of 16 units, (Hp/16, I + P, 4 * 16) with Hp = H
     # rounded up to 16 and a panel's row k holding its units' four gates (dk.lstm_cells_t); every other
