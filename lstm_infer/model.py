@@ -166,8 +166,8 @@ class Model:
         return hs, cs
 
     def _forward(self, x: np.ndarray | None, state: State | None, lengths: Any,
-                 ids: np.ndarray | None = None) -> tuple[np.ndarray, list]:
-        """x (T, B, I), or ids (T, B) with x None when layer 0 reads the token table."""
+                 ids: np.ndarray | None = None, fm_last: bool = False) -> tuple[np.ndarray, list]:
+        """x (T, B, I), or ids (T, B) with x None when layer 0 reads the token table; see run_stack's fm_last."""
         T, B = (x if x is not None else ids).shape[:2]
         st = self._state_in(state, B)
         valid = self._valid(T, B, lengths)
@@ -175,16 +175,17 @@ class Model:
             return np.zeros((T, B, self.layers[-1].output_size), F32), st
         with self._threads():
             tokens = None if x is not None else (ids, self._table)
-            out = recurrent.run_stack(self.layers, x, st, valid, self.workers, tokens)
+            out = recurrent.run_stack(self.layers, x, st, valid, self.workers, tokens, fm_last)
         return out, st
 
-    def _forward_ids(self, ids: np.ndarray, state: State | None, lengths: Any) -> tuple[np.ndarray, list]:
+    def _forward_ids(self, ids: np.ndarray, state: State | None, lengths: Any,
+                     fm_last: bool = False) -> tuple[np.ndarray, list]:
         """_forward from token ids: through the layer-0 token table where there is one."""
         if self._table is None and recurrent.table_fits(self.layers, self.vocab_size):
             self._table = recurrent.token_table(self.layers[0], self.embedding)
         if self._table is not None:
-            return self._forward(None, state, lengths, ids)
-        return self._forward(self._embed(ids), state, lengths)
+            return self._forward(None, state, lengths, ids, fm_last)
+        return self._forward(self._embed(ids), state, lengths, fm_last=fm_last)
 
     def _embed(self, ids: np.ndarray) -> np.ndarray:
         return np.take(self.embedding, ids, axis=0)
@@ -241,11 +242,15 @@ class Model:
         if tg.shape != ids.shape:
             raise LstmInferError(f"targets shape {tg.shape} differs from inputs shape {ids.shape}")
         T, B = ids.shape
-        feats, st = self._forward_ids(ids, state, lengths)
+        # A small head reads the last layer's output feature-major, as its GEMM wants it (head.py)
+        fm = T * B > 0 and recurrent.feature_major(self.layers[-1], B) and head.fm_fits(self.head_w, T)
+        feats, st = self._forward_ids(ids, state, lengths, fm)
         with self._threads():
-            lp = head.target_log_probs(feats.reshape(T * B, feats.shape[2]), self.head_w, self.head_b,
-                                       tg.reshape(-1), self.workers)
-        lp = lp.reshape(T, B)
+            if fm:
+                lp = head.target_log_probs_fm(feats, B, self.head_w, self.head_b, tg)
+            else:
+                lp = head.target_log_probs(feats.reshape(T * B, feats.shape[2]), self.head_w, self.head_b,
+                                           tg.reshape(-1), self.workers).reshape(T, B)
         if lengths is not None:
             lp[~self._valid(T, B, lengths)] = 0.0
         return lp, self._state_out(st)

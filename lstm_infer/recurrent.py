@@ -318,21 +318,30 @@ def _plain_lstm(ly: Layer) -> bool:
     return ly.cell == "lstm" and len(ly.dirs) == 1 and ly.dirs[0].standard and ly.dirs[0].w_hr is None
 
 
+def feature_major(ly: Layer, B: int) -> bool:
+    """Whether ``ly`` can take its input and give its output feature-major, (T, H, N), for B rows: a plain
+    LSTM in the panel layout (run_lstm_t's fm_in, fm_out)."""
+    return _plain_lstm(ly) and fused.layout(B, ly.hidden)[0]
+
+
 def run_stack(layers: list[Layer], x: np.ndarray | None, state: list, valid: np.ndarray, wk: Workers,
-              tokens: tuple | None = None) -> np.ndarray:
+              tokens: tuple | None = None, fm_last: bool = False) -> np.ndarray:
     """x (T, B, I) through every layer; ``state`` (from zero_state) is updated in place; ``wk`` runs the GEMMs.
 
     ``tokens`` = (ids (T, B), token_table(...)) stands in for x where layer 0 reads a token table (table_fits).
     Between two plain LSTM layers in the panel layout the output passes feature-major, (T, H, N), and the
     next layer folds its input projection into its steps (run_lstm_t's fm_in).
-    Returns the last layer's output (T, B, D * P).
+    Returns the last layer's output (T, B, D * P), or with ``fm_last`` (only where feature_major(layers[-1], B))
+    (T, H, N) feature-major, padding columns b >= B finite.
     """
     B = valid.shape[1]
-    fm = [_plain_lstm(ly) and fused.layout(B, ly.hidden)[0] for ly in layers]
+    fm = [feature_major(ly, B) for ly in layers]
+    if fm_last and not fm[-1]:
+        raise ValueError("a feature-major output needs a plain LSTM last layer in the panel layout")
     k = 0
     fm_in = False
     for li, ly in enumerate(layers):
-        fm_out = fm[li] and li + 1 < len(layers) and fm[li + 1]
+        fm_out = fm[li] and (fm[li + 1] if li + 1 < len(layers) else fm_last)
         outs = []
         for dw in ly.dirs:
             h, c = state[k]

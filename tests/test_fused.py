@@ -283,3 +283,46 @@ def test_target_log_probs_panel(N, K, F):
     head.target_log_probs_panel(feats, w, b, targets, out)
     ref = naive.log_softmax(feats.astype(np.float64) @ w.T + b)[np.arange(N), targets]
     assert_close(out, ref)
+
+
+@pytest.mark.parametrize("T,B,K,F", [(1, 9, 8, 5), (6, 33, 300, 40)])
+def test_target_log_probs_fm(T, B, K, F):
+    """The feature-major head (a time step per task, columns past B padding) against a float64 log-softmax."""
+    from lstm_infer import head
+
+    N = -(-B // 16) * 16
+    feats = u(T, F, N)
+    feats[:, :, B:] = 50.0  # padding columns: finite junk that must not reach the real columns
+    w, b = u(K, F, scale=2.0), u(K)
+    targets = rng.integers(0, K, (T, B))
+    out = head.target_log_probs_fm(feats, B, w, b, targets)
+    ref = naive.log_softmax(feats[:, :, :B].transpose(0, 2, 1).astype(np.float64) @ w.T + b)
+    assert_close(out, np.take_along_axis(ref, targets[..., None], -1)[..., 0])
+    out0 = head.target_log_probs_fm(feats, B, w, None, targets)
+    ref0 = naive.log_softmax(feats[:, :, :B].transpose(0, 2, 1).astype(np.float64) @ w.T)
+    assert_close(out0, np.take_along_axis(ref0, targets[..., None], -1)[..., 0])
+
+
+@pytest.mark.parametrize("lengths", [None, [8, 3, 0, 8, 5, 8, 8, 1, 8, 2, 8, 8]])
+def test_model_scores_through_fm_head(lengths, tmp_path, monkeypatch):
+    """A batch in the panel layout with a small head: the last layer hands its output feature-major to the
+    head (head.target_log_probs_fm ran), with the same log-probs as the batch-major path."""
+    pytest.importorskip("torch")
+    from lstm_infer import head
+    from tests.test_engine_torch import lm_modules
+    from tests.util import engine_from_torch
+
+    emb, rnn, hd = lm_modules("lstm", 3, V=21, E=6, H=24, num_layers=2)
+    model = engine_from_torch(rnn, "lstm", tmp_path, embedding=emb, head=hd, threads=2)
+    ids, tgt = rng.integers(0, 21, (8, 12)), rng.integers(0, 21, (8, 12))
+    calls = []
+    real = head._target_log_probs_fm
+    monkeypatch.setattr(head, "_target_log_probs_fm", lambda *a: calls.append(1) or real(*a))
+    fm, _ = model.target_log_probs(ids, tgt, lengths=lengths)
+    assert calls
+    monkeypatch.setattr(head, "FM_HEAD_BYTES", 0)
+    plain, _ = model.target_log_probs(ids, tgt, lengths=lengths)
+    assert len(calls) == 1
+    assert_close(fm, plain, atol=1e-6)
+    if lengths is not None:
+        assert (fm[np.arange(8)[:, None] >= np.array(lengths)[None, :]] == 0).all()
