@@ -94,7 +94,7 @@ class Model:
         tok = config["tokenizer"]
         self.tokenizer = Tokenizer.from_config(tok, vocab) if tok is not None else None
         self._uniform = len({(ly.cell, ly.out, ly.hidden) for ly in self.layers}) == 1
-        self._table: tuple | None = None  # layer 0's input projection per token (recurrent.token_table), on first use
+        self._table: tuple | None = None  # layer 0's input projection per token (recurrent.token_table)
 
     # ------------------------------------------------------------------ helpers
     @contextlib.contextmanager
@@ -182,8 +182,9 @@ class Model:
                      fm_last: bool = False) -> tuple[np.ndarray, list]:
         """_forward from token ids: through the layer-0 token table where there is one."""
         if self._table is None and recurrent.table_fits(self.layers, self.vocab_size):
-            self._table = recurrent.token_table(self.layers[0], self.embedding)
+            self._table = recurrent.token_table(self.layers[0], self.vocab_size)
         if self._table is not None:
+            recurrent.fill_table(self._table, self.layers[0], self.embedding, ids)
             return self._forward(None, state, lengths, ids, fm_last)
         return self._forward(self._embed(ids), state, lengths, fm_last=fm_last)
 

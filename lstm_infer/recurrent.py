@@ -21,6 +21,9 @@ F32 = np.float32
 SERIAL_BELOW = 8192  # B * H under which per-step kernels run on one thread
 STEP_CHUNK, STEP_CHUNK_ROWS = 16, 1024  # input projection: at least 16 steps and 1024 rows per GEMM
 PROJECT_MIN_ROWS = 32  # a batch-1 chunk's projection takes fused.project_rows from this many steps per thread
+# A copy of a weight matrix in another layout pays for itself over many steps, not over one short line: two
+# 36 MB copies per layer of a 1500-unit model took a one-line `lstm-infer score` from 0.9 to 1.1-1.7 s.
+COPY_AFTER = 512
 # Layer 0's input projection of every token, W_ih emb[v] + bias, replaces a GEMM per batch by a row copy
 # per token (10 KB for the benchmark's medium model, against 3.4 MFLOP). Built when it fits this size.
 TABLE_BYTES = 128 << 20
@@ -42,8 +45,10 @@ class Direction:
     betas: np.ndarray  # (n_act,) float32
     standard: bool  # activations are the cell's defaults with default parameters
     reverse: bool
-    w_ih_t: np.ndarray | None = None  # (I, G*H) copy of w_ih, made on first use (_input_projection)
-    w_hh_p: np.ndarray | None = None  # (Hp/16, H, 64) copy of w_hh for batch-1 steps (fused.row_panels)
+    # Batch-1 copies in other layouts, made once the direction has run COPY_AFTER batch-1 steps (_batch1):
+    w_ih_t: np.ndarray | None = None  # (I, G*H) W_ih^T for fused.project_rows (_input_projection)
+    w_hh_p: np.ndarray | None = None  # (Hp/16, H, 64) W_hh in panels for fused.lstm_steps_row (run_lstm_t)
+    batch1_steps: int = 0
 
 
 @dataclass
@@ -138,6 +143,7 @@ def run_lstm_t(ly: Layer, dw: Direction, x: np.ndarray | None, h: np.ndarray, c:
     no_table, no_ids = np.empty((0, 0), F32), np.empty((0, 0), np.int64)
     w_ih = dw.w_ih if fm_in else np.empty((4 * H, 0), F32)
     no_x = np.empty((1, 0, N), F32)
+    copies = B == 1 and _batch1(dw, T)
     starts = range(0, T, chunk)
     for t0 in reversed(starts) if dw.reverse else starts:
         t1 = min(t0 + chunk, T)
@@ -152,19 +158,19 @@ def run_lstm_t(ly: Layer, dw: Direction, x: np.ndarray | None, h: np.ndarray, c:
             # (fused.py). Not for the dot layout: a batch-1 step's rows are single floats strewn over the
             # table, which the parallel gather beforehand fetches faster (measured: 16.3 vs 15.8 ms per
             # 512 steps of the bundled model).
-            ids, (table, columns, _) = tokens[0][t0:t1], tokens[1]
+            ids, (table, columns, _, _) = tokens[0][t0:t1], tokens[1]
             args = (gxs[:1], *common, table, columns, ids)
         else:
             if tokens is not None:
-                ids, (table, columns, rows) = tokens[0][t0:t1], tokens[1]
+                ids, (table, columns, rows, _) = tokens[0][t0:t1], tokens[1]
                 if columns and panel:
                     kernels.gather_table_columns(table, ids, gxs[:n])
                 else:
                     kernels.gather_table(rows, ids, gxs[:n])
             else:
-                _input_projection(dw, x[t0:t1], gxs[:n], wk)
+                _input_projection(dw, x[t0:t1], gxs[:n], wk, copies)
             args = (gxs[:n], *common, no_table, False, no_ids)
-        if members and B == 1 and not panel:  # a batch of one on a gang: the row layout
+        if members and copies and not panel:  # a batch of one on a gang: the row layout
             if dw.w_hh_p is None:
                 dw.w_hh_p = fused.row_panels(dw.w_hh)
             per, nblk = fused.row_blocks(H)
@@ -183,6 +189,12 @@ def run_lstm_t(ly: Layer, dw: Direction, x: np.ndarray | None, h: np.ndarray, c:
     return out
 
 
+def _batch1(dw: Direction, T: int) -> bool:
+    """Count T more batch-1 steps of dw: whether it has run COPY_AFTER and may make its batch-1 copies."""
+    dw.batch1_steps += T
+    return dw.batch1_steps >= COPY_AFTER
+
+
 def _member(steps, args: tuple, me: int, members: int) -> None:
     """One gang member's run of a chunk's steps (fused.py)."""
     steps(*args, me, members)
@@ -193,25 +205,42 @@ def table_fits(layers: list[Layer], vocab: int | None) -> bool:
     return vocab is not None and _plain_lstm(layers[0]) and vocab * 4 * layers[0].hidden * 4 <= TABLE_BYTES
 
 
-def token_table(ly: Layer, embedding: np.ndarray) -> tuple[np.ndarray, bool, np.ndarray]:
-    """(table, columns, rows): W_ih emb[v] + bias for every token v of layer 0. ``rows`` is (V, 4H); ``table``
-    is the same array, or for vocabularies of at most TABLE_COLUMNS_V tokens (columns True) its (4H, V)
-    transpose, which the panel layout gathers from (see kernels.gather_table_columns). Batches of a few
-    rows (the dot layout) copy whole rows: a batch-1 step's 4H values from the (4H, V) table are 4H cache
-    lines (bundled model, stream: 2.2 of 37 us per token)."""
-    dw = ly.dirs[0]
-    rows = np.ascontiguousarray(np.matmul(embedding, dw.w_ih.T) + dw.bias, F32)
-    columns = embedding.shape[0] <= TABLE_COLUMNS_V
-    return (np.ascontiguousarray(rows.T) if columns else rows), columns, rows
+def token_table(ly: Layer, vocab: int) -> tuple[np.ndarray, bool, np.ndarray, np.ndarray]:
+    """An empty table of layer 0's input projection per token, W_ih emb[v] + bias: (table, columns, rows,
+    have). ``rows`` is (V, 4H); ``table`` is the same array, or for vocabularies of at most TABLE_COLUMNS_V
+    tokens (columns True) a (4H, V) transpose, which the panel layout gathers from (see
+    kernels.gather_table_columns). Batches of a few rows (the dot layout) copy whole rows: a batch-1 step's
+    4H values from the (4H, V) table are 4H cache lines (bundled model, stream: 2.2 of 37 us per token).
+    fill_table computes the rows a batch needs, ``have`` (V,) marks them: the whole table costs what
+    projecting V tokens does (0.2 s for a 10k vocabulary), which a one-line score should not pay."""
+    G = 4 * ly.hidden
+    rows = np.zeros((vocab, G), F32)
+    columns = vocab <= TABLE_COLUMNS_V
+    return (np.zeros((G, vocab), F32) if columns else rows), columns, rows, np.zeros(vocab, bool)
 
 
-def _input_projection(dw: Direction, x: np.ndarray, gxs: np.ndarray, wk: Workers) -> None:
-    """gxs (n, G, N) = W_ih x[t] + bias for x (n, B, I), N >= B; the workers split the steps."""
+def fill_table(tab: tuple, ly: Layer, embedding: np.ndarray, ids: np.ndarray) -> None:
+    """Compute the token_table rows of the ids (any shape) not there yet."""
+    table, columns, rows, have = tab
+    new = np.unique(ids)
+    new = new[~have[new]]
+    if new.size:
+        dw = ly.dirs[0]
+        r = np.matmul(np.take(embedding, new, axis=0), dw.w_ih.T) + dw.bias
+        rows[new] = r
+        if columns:
+            table[:, new] = r.T
+        have[new] = True  # after the rows: a concurrent call that sees the mark finds them written
+
+
+def _input_projection(dw: Direction, x: np.ndarray, gxs: np.ndarray, wk: Workers, copies: bool = False) -> None:
+    """gxs (n, G, N) = W_ih x[t] + bias for x (n, B, I), N >= B; the workers split the steps. ``copies``: a
+    batch of one may use (and make) dw.w_ih_t (see COPY_AFTER)."""
     n, B, I = x.shape
     if B == 1:  # (n, G, 1) is the GEMM's own (n, G) layout
         g2 = gxs.reshape(n, -1)
         G = g2.shape[1]
-        if n >= PROJECT_MIN_ROWS and G % fused.LANES == 0 and I > 0:
+        if copies and n >= PROJECT_MIN_ROWS and G % fused.LANES == 0 and I > 0:
             if dw.w_ih_t is None:
                 dw.w_ih_t = np.ascontiguousarray(dw.w_ih.T)
             x2 = np.ascontiguousarray(x.reshape(n, I))
@@ -247,11 +276,12 @@ def run_lstm_proj(ly: Layer, dw: Direction, x: np.ndarray, h: np.ndarray, c: np.
     rows = kernels.lstm_step_rows_serial if serial else kernels.lstm_step_rows
     plain = not dw.peep.any()
     full = valid.all(axis=1)
+    copies = B == 1 and _batch1(dw, T)
     starts = range(0, T, chunk)
     for t0 in reversed(starts) if dw.reverse else starts:
         t1 = min(t0 + chunk, T)
         n = t1 - t0
-        _input_projection(dw, x[t0:t1], gxs[:n], wk)
+        _input_projection(dw, x[t0:t1], gxs[:n], wk, copies)
         for t in range(t1 - 1, t0 - 1, -1) if dw.reverse else range(t0, t1):
             if B == 1:  # vector-matrix: OpenBLAS's h @ W_hh^T form is the faster one here (measured)
                 wk.matmul(hT.T, dw.w_hh.T, out=gh.T)

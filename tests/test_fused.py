@@ -17,6 +17,13 @@ from tests.util import assert_close
 rng = np.random.default_rng(7)
 
 
+@pytest.fixture(autouse=True)
+def batch1_copies_at_once(monkeypatch):
+    """Batch-1 directions take their row-layout and W_ih^T copies on the first call here (recurrent.COPY_AFTER),
+    so that the short sequences of these tests run those paths; test_batch1_copies_wait checks the wait."""
+    monkeypatch.setattr(recurrent, "COPY_AFTER", 0)
+
+
 def u(*shape, scale=1.0):
     return rng.uniform(-scale, scale, shape).astype(np.float32)
 
@@ -245,7 +252,8 @@ def test_gather_table():
 @pytest.mark.parametrize("H", [24, 128])
 def test_token_table_path_matches_torch(B, columns, H, tmp_path, monkeypatch):
     """Scoring through layer 0's token table (dot and panel layouts, either table orientation) = PyTorch =
-    the embedding + GEMM path. H = 128: a gang of 2 whose members gather their own units' rows."""
+    the embedding + GEMM path; the table computes the rows of the tokens it is asked for. H = 128: a gang
+    of 2 whose members gather their own units' rows."""
     torch = pytest.importorskip("torch")
     from tests.util import engine_from_torch, scramble
 
@@ -262,9 +270,14 @@ def test_token_table_path_matches_torch(B, columns, H, tmp_path, monkeypatch):
     ids, tgt = rng.integers(0, V, (T, B)), rng.integers(0, V, (T, B))
     with torch.no_grad():
         ref = torch.log_softmax(head(rnn(emb(torch.from_numpy(ids)))[0]), -1).numpy()
-    lp, _ = model.target_log_probs(ids, tgt)
+    ref = np.take_along_axis(ref, tgt[..., None], -1)[..., 0]
+    first, _ = model.target_log_probs(ids[:, :1], tgt[:, :1])  # the table holds the rows of these tokens only
     assert model._table is not None and model._table[1] == columns
-    assert_close(lp, np.take_along_axis(ref, tgt[..., None], -1)[..., 0])
+    assert set(np.flatnonzero(model._table[3])) == set(ids[:, 0])
+    assert_close(first, ref[:, :1])
+    lp, _ = model.target_log_probs(ids, tgt)  # the other tokens' rows join
+    assert set(np.flatnonzero(model._table[3])) == set(ids.ravel())
+    assert_close(lp, ref)
     monkeypatch.setattr(recurrent, "TABLE_BYTES", 0)
     plain = engine_from_torch(rnn.eval(), "lstm", tmp_path / "plain", embedding=emb, head=head, threads=2)
     lp2, _ = plain.target_log_probs(ids, tgt)
@@ -326,3 +339,21 @@ def test_model_scores_through_fm_head(lengths, tmp_path, monkeypatch):
     assert_close(fm, plain, atol=1e-6)
     if lengths is not None:
         assert (fm[np.arange(8)[:, None] >= np.array(lengths)[None, :]] == 0).all()
+
+
+def test_batch1_copies_wait(monkeypatch):
+    """A batch-1 direction makes its copies of W_hh (row layout) and W_ih^T only once it has run COPY_AFTER
+    steps: a one-line score does not pay for them. Before and after, the same numbers as the reference."""
+    monkeypatch.setattr(recurrent, "COPY_AFTER", 100)
+    T, I, H = 64, 24, 36  # 4H a multiple of 16 and T >= PROJECT_MIN_ROWS: project_rows once the copy is there
+    ly = _direction(I, H, peep=False, clip=None, input_forget=False)
+    dw = ly.dirs[0]
+    valid = np.ones((T, 1), bool)
+    for call in range(2):
+        x, h0, c0 = u(T, 1, I), u(1, H), u(1, H)
+        h, c = h0.copy(), c0.copy()
+        out = recurrent.run_lstm_t(ly, dw, x, h, c, valid, Workers(2))
+        assert (dw.w_hh_p is not None, dw.w_ih_t is not None) == ((False, False) if call == 0 else (True, True))
+        ref_out, ref_h, ref_c = reference(x, dw.w_ih, dw.w_hh, dw.bias, dw.peep, None, False, valid, False, h0, c0)
+        assert_close(out, ref_out)
+        assert_close(h, ref_h)
