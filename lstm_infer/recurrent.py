@@ -222,6 +222,8 @@ def token_table(ly: Layer, vocab: int) -> tuple[np.ndarray, bool, np.ndarray, np
 def fill_table(tab: tuple, ly: Layer, embedding: np.ndarray, ids: np.ndarray) -> None:
     """Compute the token_table rows of the ids (any shape) not there yet."""
     table, columns, rows, have = tab
+    if have[ids].all():  # the common case once the batch's tokens have been seen: no sort
+        return
     new = np.unique(ids)
     new = new[~have[new]]
     if new.size:
