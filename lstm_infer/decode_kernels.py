@@ -287,15 +287,21 @@ def _rows_in(x, hp, par, n, z):
 
 
 @njit(inline="always", **FAST)
-def _cells_t_panel(u, wt, pre, prow, z, cp, par, n, c_out, y_out, o):
-    """Panel u of lstm_cells_t: its small GEMM into o (>= n, 64), then its 16 units' gates."""
-    H = c_out.shape[1]
-    K = wt.shape[1]
+def _rows_panel(z, n, panel, o):
+    """o[b] (64,) = z[b] (K,) @ panel (K, 64) for b < n, SMALL_ROWS rows at a time (simd.small_rows)."""
+    K = panel.shape[0]
     b0 = 0
     while b0 < n:
         nr = min(SMALL_ROWS, n - b0)
-        small_rows(nr, z[b0:].ctypes.data, K, wt[u].ctypes.data, 64, K, o[b0:].ctypes.data, 64)
+        small_rows(nr, z[b0:].ctypes.data, z.shape[1], panel.ctypes.data, 64, K, o[b0:].ctypes.data, 64)
         b0 += nr
+
+
+@njit(inline="always", **FAST)
+def _cells_t_panel(u, wt, pre, prow, z, cp, par, n, c_out, y_out, o):
+    """Panel u of lstm_cells_t: its small GEMM into o (>= n, 64), then its 16 units' gates."""
+    H = c_out.shape[1]
+    _rows_panel(z, n, wt[u], o)
     j0 = u * 16
     for b in range(n):  # pre gate-major: with (H, G) rows this loop did not vectorise and took 9 of a
         # 512-unit batch-1 step's 58 us (4 MB of weights, one Zen 4 core); now 1
@@ -378,17 +384,12 @@ def _head_block(blk, head_w, head_t, head_b, f, ident, n, nblk, acc, logits, bma
     """Block blk of head_blocks."""
     K = head_w.shape[0]
     npan = head_t.shape[0]
-    F = f.shape[1]
     if npan > 0:
         p0, p1 = blk * npan // nblk, (blk + 1) * npan // nblk
         lo, hi = p0 * 64, min(K, p1 * 64)
         o = acc[blk]
         for p in range(p0, p1):
-            b0 = 0
-            while b0 < n:
-                nr = min(SMALL_ROWS, n - b0)
-                small_rows(nr, f[b0:].ctypes.data, F, head_t[p].ctypes.data, 64, F, o[b0:].ctypes.data, 64)
-                b0 += nr
+            _rows_panel(f, n, head_t[p], o)
             v0 = p * 64
             for b in range(n):
                 lb, ob = logits[b], o[b]

@@ -24,7 +24,7 @@ import numba
 import numpy as np
 
 from . import decode_kernels as dk
-from . import gang, recurrent
+from . import fused, gang, recurrent
 from .errors import LstmInferError
 from .format import CELLS
 from .simd import LANES
@@ -171,9 +171,7 @@ def _build_net(model) -> tuple:
         w_ih = np.asarray(d.w_ih).reshape(G, H, -1)[:, :, : 0 if li == 0 and len(table) else None]
         w = np.concatenate([w_ih, np.asarray(d.w_hh).reshape(G, H, P)], axis=2)  # (G, H, K)
         if transposed:
-            wp = np.zeros((G, Hp, w.shape[2]), F32)
-            wp[:, :H] = w
-            w = wp.reshape(G, Hp // LANES, LANES, -1).transpose(1, 3, 0, 2)  # (Hp/16, K, G, 16)
+            w = fused.row_panels(w.reshape(G * H, -1))  # (Hp/16, K, G * 16)
         else:
             w = w.transpose(1, 0, 2)
         flat.append(np.ascontiguousarray(w, F32).reshape(-1))
@@ -229,6 +227,12 @@ def _gang_fits(model, net: tuple, steps: int) -> bool:
 
 def _blocks(model, k: int) -> int:
     return max(1, min(k, 4 * model.threads))
+
+
+def _head_scratch(model, rows: int, nblk: int) -> tuple:
+    """A gang's shared head scratch for ``rows`` rows: logits (rows, V), bmax, bsum (rows, nblk), acc."""
+    return (np.empty((rows, model.vocab_size), F32), np.empty((rows, nblk), F32), np.empty((rows, nblk), F32),
+            np.empty((nblk, max(rows, 5), 64), F32))
 
 
 # --------------------------------------------------------------------------- prompts and prefill
@@ -324,12 +328,9 @@ class _Rows:
     def _advance_gang(self, steps: int, common: tuple) -> None:
         """advance() on the model's worker threads as a gang (dk.decode_rows_gang)."""
         m, b, net = self.model, self.buf, self.net
-        R, K, L = len(self.tok), m.vocab_size, b.h.shape[1]
-        nblk = _blocks(m, K)
-        members = m.threads
-        shared = (np.empty((R, K), F32), np.empty((R, nblk), F32), np.empty((R, nblk), F32),
-                  np.empty((nblk, max(R, 5), 64), F32), np.zeros(steps, np.int64),
-                  gang.new_counters(steps * (L + 2), members))
+        R, L, members = len(self.tok), b.h.shape[1], m.threads
+        nblk = _blocks(m, m.vocab_size)
+        shared = (*_head_scratch(m, R, nblk), np.zeros(steps, np.int64), gang.new_counters(steps * (L + 2), members))
         result = []
 
         def member(me: int, members: int) -> None:
@@ -390,12 +391,12 @@ def _beam_gang(model, net: tuple, buf: _Buffers, tok0: int, common: tuple, hist:
                fin: tuple) -> None:
     """dk.beam_search on the model's worker threads as a gang (dk.beam_search_gang)."""
     K, T, nblk = common[0], common[1], common[-1]
-    V, L, members = model.vocab_size, buf.h.shape[1], model.threads
+    L, members = buf.h.shape[1], model.threads
     tok, par = np.zeros(K, np.int64), np.zeros(K, np.int64)
     tok[0] = tok0  # before the members start: none of them writes shared state before the first step ends
-    shared = (tok, par, np.zeros(K), np.empty((K, V), F32), np.empty((K, nblk), F32), np.empty((K, nblk), F32),
-              np.empty((nblk, max(K, 5), 64), F32), np.empty((nblk, 2 * K)), np.empty((nblk, 2 * K), np.int64),
-              np.empty(nblk, np.int64), np.zeros((T, 2), np.int64), gang.new_counters(T * (L + 3), members))
+    shared = (tok, par, np.zeros(K), *_head_scratch(model, K, nblk), np.empty((nblk, 2 * K)),
+              np.empty((nblk, 2 * K), np.int64), np.empty(nblk, np.int64), np.zeros((T, 2), np.int64),
+              gang.new_counters(T * (L + 3), members))
     model.workers.gang(lambda me, members: dk.beam_search_gang(net, buf.h, buf.c, 0, *common, hist, back, *fin,
                                                               *shared, me, members), members)
 
@@ -410,12 +411,13 @@ def _beam(model, opts: Options, seq: np.ndarray) -> list[Hypothesis]:
     fin = (np.zeros(N), np.zeros(N), np.zeros(N, np.int64), np.zeros(N, np.int64), np.zeros(N, np.bool_),
            np.zeros(1, np.int64))
     common = (K, T, opts.min_new_tokens, eos, opts.stop_at_eos, alpha, _blocks(model, model.vocab_size))
-    if net is not None and _gang_fits(model, net, T):
-        _beam_gang(model, net, _Buffers(model, st, K), int(last[0]), common, hist, back, fin)
-    elif net is not None:
+    if net is not None:
         buf = _Buffers(model, st, K)
-        _numba_threads(model)
-        dk.beam_search(net, buf.h, buf.c, buf.scratch, 0, int(last[0]), *common, hist, back, *fin)
+        if _gang_fits(model, net, T):
+            _beam_gang(model, net, buf, int(last[0]), common, hist, back, fin)
+        else:
+            _numba_threads(model)
+            dk.beam_search(net, buf.h, buf.c, buf.scratch, 0, int(last[0]), *common, hist, back, *fin)
     else:
         state, live = model._state_out(st), np.zeros(K)
         tok, par, n = last[:1], np.zeros(1, np.int64), 1

@@ -21,8 +21,9 @@ F32 = np.float32
 SERIAL_BELOW = 8192  # B * H under which per-step kernels run on one thread
 STEP_CHUNK, STEP_CHUNK_ROWS = 16, 1024  # input projection: at least 16 steps and 1024 rows per GEMM
 PROJECT_MIN_ROWS = 32  # a batch-1 chunk's projection takes fused.project_rows from this many steps per thread
-# A copy of a weight matrix in another layout pays for itself over many steps, not over one short line: two
-# 36 MB copies per layer of a 1500-unit model took a one-line `lstm-infer score` from 0.9 to 1.1-1.7 s.
+# A copy of a weight matrix in another layout pays for itself over many steps, not over one short line: with
+# two 36 MB copies per layer, a one-line `lstm-infer score` of the 1500-unit model took 1.12-1.73 s, without
+# them 1.18-1.32 s (same machine, minutes apart).
 COPY_AFTER = 512
 # Layer 0's input projection of every token, W_ih emb[v] + bias, replaces a GEMM per batch by a row copy
 # per token (10 KB for the benchmark's medium model, against 3.4 MFLOP). Built when it fits this size.
@@ -170,7 +171,7 @@ def run_lstm_t(ly: Layer, dw: Direction, x: np.ndarray | None, h: np.ndarray, c:
             else:
                 _input_projection(dw, x[t0:t1], gxs[:n], wk, copies)
             args = (gxs[:n], *common, no_table, False, no_ids)
-        if members and copies and not panel:  # a batch of one on a gang: the row layout
+        if members and copies:  # a batch of one on a gang: the row layout
             if dw.w_hh_p is None:
                 dw.w_hh_p = fused.row_panels(dw.w_hh)
             per, nblk = fused.row_blocks(H)
