@@ -225,11 +225,18 @@ def cli_command() -> list[str]:
 
 
 def measure_cli(res: dict, name: str, spec: models.Spec, mdir: Path, threads: int, args) -> None:
-    """Wall time of `lstm-infer score` on a one-line file: cold (fresh NUMBA_CACHE_DIR) and warm."""
+    """Wall time of `lstm-infer score` on a one-line file: cold (fresh NUMBA_CACHE_DIR) and warm; as it runs
+    by default (such a file takes the NumPy steps, no Numba) and with --jit (Numba's kernels)."""
+    for jit in (False, True):
+        _measure_cli(res, name, spec, mdir, threads, args, jit)
+
+
+def _measure_cli(res: dict, name: str, spec: models.Spec, mdir: Path, threads: int, args, jit: bool) -> None:
     work = Path(args.work)
     text_file = work / f"cli-{name}.txt"
     text_file.write_text(cli_line(spec) + "\n", encoding="utf-8")
     cmd = cli_command() + ["score", "-m", str(mdir), "--threads", str(threads), "--no-progress", str(text_file)]
+    cmd += ["--jit"] if jit else []
 
     def once(cache: str) -> float:
         t = time.perf_counter()
@@ -252,11 +259,14 @@ def measure_cli(res: dict, name: str, spec: models.Spec, mdir: Path, threads: in
         log(f"  cli: {err}")
         res["failures"].append({"model": name, "threads": threads, "engine": "lstm-infer", "error": f"cli: {err}"})
         return
-    row = {"model": name, "threads": threads, "tokens": len(cli_line(spec).split()) if spec.tokenizer != "byte"
-           else len(cli_line(spec).encode()), "cold_s": cold, "warm_s": warm,
+    line = cli_line(spec)
+    row = {"model": name, "threads": threads, "options": "--jit" if jit else "(default)",
+           "tokens": len(line.split()) if spec.tokenizer != "byte" else len(line.encode()),
+           "cold_s": cold, "warm_s": warm,
            "cold_median_s": float(np.median(cold)), "warm_median_s": float(np.median(warm)), "command": shlex.join(cmd)}
     res["cli"].append(row)
-    log(f"  cli {name} {threads}t: cold {row['cold_median_s']:.2f} s, warm {row['warm_median_s']:.2f} s")
+    log(f"  cli {name} {threads}t {row['options']}: cold {row['cold_median_s']:.2f} s, "
+        f"warm {row['warm_median_s']:.2f} s")
 
 
 # --------------------------------------------------------------------------- main

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import sys
 import time
 import traceback
@@ -59,12 +60,18 @@ def main(ctx: click.Context, debug: bool) -> None:
     ctx.obj = {"debug": debug}
 
 
-def load_model(path: str | None, threads: int | None):
-    """The model at ``path`` (None: the bundled one), with ``threads`` threads."""
+def load_model(path: str | None, threads: int | None, jit: bool = True):
+    """The model at ``path`` (None: the bundled one), with ``threads`` threads (see model.load for ``jit``)."""
     from .model import load
 
-    return load(path, threads=threads)
+    return load(path, threads=threads, jit=jit)
 
+
+# `score` runs inputs up to this size in NumPy (eager.py): a one-line score of the 1500-unit model took
+# 1.10-1.29 s with Numba's start-up, 0.54-0.76 s without. NumPy's batch-1 step of that model is slower than
+# the kernels' (~1.3 vs ~0.8 ms a layer): by these figures Numba's start-up pays from roughly 500 words on
+# that model (4 KB is ~800), and much later on small models.
+EAGER_BYTES = 4096
 
 MODEL_OPTION = click.option("-m", "--model", "model_path", type=click.Path(), default=None,
                             help="Model directory (default: the bundled byte-level English model).")
@@ -73,6 +80,15 @@ THREADS_OPTION = click.option("--threads", type=click.IntRange(min=1), default=N
 
 
 # ---------------------------------------------------------------------------------------------- score
+
+def _small_files(files: tuple[str, ...]) -> bool:
+    """Whether FILES are regular files of at most EAGER_BYTES together (standard input: size unknown)."""
+    try:
+        return bool(files) and all(f != "-" and os.path.isfile(f) for f in files) and \
+            sum(os.path.getsize(f) for f in files) <= EAGER_BYTES
+    except OSError:
+        return False
+
 
 def _fmt(x: float | None, spec: str = ".4f") -> str:
     return "n/a" if x is None else format(x, spec)
@@ -98,15 +114,18 @@ def _num(x: float | None) -> float | None:
               help="Non-UTF-8 input: stop with an error, or score it with U+FFFD in place of bad bytes.")
 @click.option("--scheduler", default=None, metavar="ADDRESS",
               help="Score on a Dask cluster: its scheduler (tcp://host:8786), or 'local' for worker processes here.")
+@click.option("--jit/--no-jit", default=None,
+              help=f"Numba kernels, or plain NumPy steps (LSTM models). Default: NumPy when the FILES come to at most "
+                   f"{EAGER_BYTES // 1024} KB, where Numba's ~0.5 s start-up would outweigh the work.")
 def score(files: tuple[str, ...], model_path: str | None, mode: str, fmt: str, per_line: bool, per_token: bool,
           batch_size: int, threads: int | None, progress: bool | None, encoding_errors: str,
-          scheduler: str | None) -> None:
+          scheduler: str | None, jit: bool | None) -> None:
     """Perplexity of text FILES (none or '-': standard input). Log-probs are natural logs."""
     from .scoring import Scorer, ScoreResult
     from .textio import Progress, open_input, read_pieces
 
     per_line = per_line or per_token
-    model = load_model(model_path, threads)
+    model = load_model(model_path, threads, not _small_files(files) if jit is None else jit)
     scorer = Scorer(model, mode, batch_size, per_token)
     total = ScoreResult()
     out = sys.stdout

@@ -12,10 +12,11 @@ from __future__ import annotations
 import numpy as np
 from numba import njit, prange
 
+from .layers import BIG
+
 # Hot kernels: fastmath lets LLVM vectorise; error_model="numpy" drops the per-division zero check.
 # cache=True keeps compile time out of every process after the first.
 FAST = dict(cache=True, fastmath=True, error_model="numpy", nogil=True)
-BIG = np.float32(3.0e38)  # stands in for "no clip": fastmath assumes no infinities
 
 # Rational tanh, float32 (the minimax form Eigen uses): within a few ulp, and it vectorises,
 # where np.tanh inside @njit is a scalar libm call.

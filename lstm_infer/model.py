@@ -6,17 +6,22 @@ import contextlib
 import os
 import threading
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import numba
 import numpy as np
-from threadpoolctl import ThreadpoolController
 
-from . import head, recurrent
+from . import eager
 from .errors import LstmInferError
 from .format import read_model
+from .layers import build_layers, zero_state
 from .tokenizer import Tokenizer
 from .workers import Workers
+
+if TYPE_CHECKING:
+    from threadpoolctl import ThreadpoolController
+
+# Numba (with head.py, recurrent.py and every kernel) is imported on first use, not here: a short job
+# with jit=False never needs it (eager.py says what that saves).
 
 F32 = np.float32
 DEFAULT_MODEL = Path(__file__).parent / "data" / "default"
@@ -41,6 +46,8 @@ class _BlasLimit:
     def __call__(self, threads: int):
         with self.lock:
             if self.users == 0:
+                from threadpoolctl import ThreadpoolController
+
                 self.controller = self.controller or ThreadpoolController()
                 self.limiter = self.controller.limit(limits=threads, user_api="blas")
             self.users += 1
@@ -59,6 +66,8 @@ _WORKQUEUE = threading.RLock()  # Numba's workqueue layer aborts the process whe
 
 def _unsafe_layer() -> bool:
     """True under Numba's workqueue threading layer (no TBB, no OpenMP), or before any layer is chosen."""
+    import numba
+
     try:
         return numba.threading_layer() == "workqueue"
     except ValueError:  # chosen at the first parallel launch: until then, assume the worst
@@ -74,11 +83,12 @@ class Model:
     """
 
     def __init__(self, config: dict, tensors: dict[str, np.ndarray], vocab: list[str] | None = None,
-                 *, path: str | os.PathLike | None = None, threads: int | None = None):
+                 *, path: str | os.PathLike | None = None, threads: int | None = None, jit: bool = True):
         self.config = config
         self.vocab = vocab
         self.path = Path(path) if path is not None else None
-        limit = numba.config.NUMBA_NUM_THREADS
+        self.jit = jit  # False: target_log_probs runs in NumPy where eager.fits (one-shot short jobs)
+        limit = _thread_limit()
         if threads is not None and (not isinstance(threads, int) or threads < 1):
             raise LstmInferError(f"threads must be a positive integer, got {threads!r}")
         self.threads = min(threads or limit, limit)
@@ -86,7 +96,7 @@ class Model:
         # Plain ndarray views of the mapped files, still zero-copy: every view of an np.memmap (a .T per
         # step) runs memmap.__array_finalize__ in Python, ~3 us each, which batch-1 steps notice.
         tensors = {k: v.view(np.ndarray) for k, v in tensors.items()}
-        self.layers = recurrent.build_layers(config, tensors)
+        self.layers = build_layers(config, tensors)
         self.embedding = tensors.get("embedding")
         hc = config["head"]
         self.head_w = None if hc is None else (self.embedding if hc["tied"] else tensors["head.weight"])
@@ -95,12 +105,15 @@ class Model:
         self.tokenizer = Tokenizer.from_config(tok, vocab) if tok is not None else None
         self._uniform = len({(ly.cell, ly.out, ly.hidden) for ly in self.layers}) == 1
         self._table: tuple | None = None  # layer 0's input projection per token (recurrent.token_table)
+        self._eager = not jit and eager.fits(self.layers)
 
     # ------------------------------------------------------------------ helpers
     @contextlib.contextmanager
     def _threads(self):
         """Numba (per calling thread) gets ``threads``; BLAS (process-wide, see _BlasLimit) one thread, since
         self.workers split the GEMMs (workers.py says why): never oversubscribed."""
+        import numba
+
         numba.set_num_threads(self.threads)
         with _BLAS(1), (_WORKQUEUE if _unsafe_layer() else contextlib.nullcontext()):
             yield
@@ -137,7 +150,7 @@ class Model:
         return np.arange(T)[:, None] < ln[None, :]
 
     def _state_in(self, state: State | None, B: int) -> list:
-        fresh = recurrent.zero_state(self.layers, B)
+        fresh = zero_state(self.layers, B)
         if state is None:
             return fresh
         if not isinstance(state, (tuple, list)) or len(state) != 2:
@@ -168,6 +181,8 @@ class Model:
     def _forward(self, x: np.ndarray | None, state: State | None, lengths: Any,
                  ids: np.ndarray | None = None, fm_last: bool = False) -> tuple[np.ndarray, list]:
         """x (T, B, I), or ids (T, B) with x None when layer 0 reads the token table; see run_stack's fm_last."""
+        from . import recurrent
+
         T, B = (x if x is not None else ids).shape[:2]
         st = self._state_in(state, B)
         valid = self._valid(T, B, lengths)
@@ -181,6 +196,8 @@ class Model:
     def _forward_ids(self, ids: np.ndarray, state: State | None, lengths: Any,
                      fm_last: bool = False) -> tuple[np.ndarray, list]:
         """_forward from token ids: through the layer-0 token table where there is one."""
+        from . import recurrent
+
         if self._table is None and recurrent.table_fits(self.layers, self.vocab_size):
             self._table = recurrent.token_table(self.layers[0], self.vocab_size)
         if self._table is not None:
@@ -208,6 +225,8 @@ class Model:
 
     def logits(self, ids: Any, state: State | None = None, lengths: Any = None) -> tuple[np.ndarray, State]:
         """ids (T, B) -> logits (T, B, K), state."""
+        from . import head
+
         self._require_lm("logits")
         ids = self._ids(ids, 2)
         feats, st = self._forward_ids(ids, state, lengths)
@@ -218,6 +237,8 @@ class Model:
 
     def log_probs(self, ids: Any, state: State | None = None, lengths: Any = None) -> tuple[np.ndarray, State]:
         """ids (T, B) -> log-probabilities (T, B, K), state."""
+        from . import head
+
         self._require_lm("log_probs")
         ids = self._ids(ids, 2)
         feats, st = self._forward_ids(ids, state, lengths)
@@ -243,6 +264,10 @@ class Model:
         if tg.shape != ids.shape:
             raise LstmInferError(f"targets shape {tg.shape} differs from inputs shape {ids.shape}")
         T, B = ids.shape
+        if self._eager:
+            return self._target_log_probs_eager(ids, tg, state, lengths)
+        from . import head, recurrent
+
         # A small head reads the last layer's output feature-major, as its GEMM wants it (head.py)
         fm = T * B > 0 and recurrent.feature_major(self.layers[-1], B) and head.fm_fits(self.head_w, T)
         feats, st = self._forward_ids(ids, state, lengths, fm)
@@ -254,6 +279,20 @@ class Model:
                                            tg.reshape(-1), self.workers).reshape(T, B)
         if lengths is not None:
             lp[~self._valid(T, B, lengths)] = 0.0
+        return lp, self._state_out(st)
+
+    def _target_log_probs_eager(self, ids: np.ndarray, tg: np.ndarray, state: State | None,
+                                lengths: Any) -> tuple[np.ndarray, State]:
+        """target_log_probs in NumPy (eager.py), BLAS on ``threads`` threads."""
+        T, B = ids.shape
+        st = self._state_in(state, B)
+        valid = self._valid(T, B, lengths)
+        with _BLAS(self.threads):
+            feats = eager.run_stack(self.layers, self._embed(ids), st, valid)
+            lp = eager.target_log_probs(feats.reshape(T * B, feats.shape[2]), self.head_w, self.head_b,
+                                        tg.reshape(-1))
+        lp = lp.reshape(T, B)
+        lp[~valid] = 0.0
         return lp, self._state_out(st)
 
     def score(self, text_or_lines: str | list[str], mode: str = "sentences", *, batch_size: int = 64,
@@ -286,10 +325,20 @@ class Model:
         return generate_tokens(self, prompt, **options)
 
 
-def load(path: str | os.PathLike | None = None, *, threads: int | None = None) -> Model:
-    """Map a model directory (None: the bundled default model). ``threads``: None = all cores."""
+def _thread_limit() -> int:
+    """Numba's thread limit (numba.config.NUMBA_NUM_THREADS), worked out the same way without importing it."""
+    env = os.environ.get("NUMBA_NUM_THREADS", "").strip()
+    if env.isdigit() and int(env) > 0:
+        return int(env)
+    return max(1, len(os.sched_getaffinity(0))) if hasattr(os, "sched_getaffinity") else max(1, os.cpu_count() or 1)
+
+
+def load(path: str | os.PathLike | None = None, *, threads: int | None = None, jit: bool = True) -> Model:
+    """Map a model directory (None: the bundled default model). ``threads``: None = all cores. ``jit=False``:
+    target_log_probs runs in NumPy where the stack allows (eager.py), for one-shot jobs too short to pay
+    for Numba's start-up."""
     where = DEFAULT_MODEL if path is None else Path(path)
     if path is None and not (where / "config.json").exists():
         raise LstmInferError(f"{where}: the bundled default model is missing from this installation")
     config, tensors, vocab = read_model(where)
-    return Model(config, tensors, vocab, path=where, threads=threads)
+    return Model(config, tensors, vocab, path=where, threads=threads, jit=jit)
