@@ -596,6 +596,22 @@ def decode_rows(net, hbuf, cbuf, scratch, cur, tok, par, n, t0, steps, nblk, min
 
 
 @njit(**FAST)
+def step_log_probs(net, hbuf, cbuf, scratch, tok, n, nblk, out):
+    """Model.step for rows b < n: token tok[b] on state row b of half 0 (the new state goes to half 1), then
+    the next token's log-probabilities into out (R, K), float32 like the layers' path."""
+    acc = np.empty((max(cbuf.shape[3], hbuf.shape[3], scratch.shape[2]), 2, 4, 5), F32)
+    ident = np.arange(n)
+    stack_step(net, hbuf, cbuf, scratch, acc, 0, tok, ident, ident, n)
+    bmax, bsum = np.empty((n, nblk), F32), np.empty((n, nblk), F32)
+    lse = np.empty(n)
+    head_lse(net[10], net[13], net[11], hbuf[1, hbuf.shape[1] - 1], ident, n, nblk, out, bmax, bsum, lse)
+    for b in range(n):
+        ob, s = out[b], F32(lse[b])
+        for v in range(ob.shape[0]):
+            ob[v] -= s
+
+
+@njit(**FAST)
 def _gang_scratch(net, hbuf, n):
     """A gang member's own scratch for _gang_forward: (z, o, x0, zeros, ident)."""
     table, isz, emb = net[6], net[4], net[9]

@@ -235,6 +235,26 @@ def _head_scratch(model, rows: int, nblk: int) -> tuple:
             np.empty((nblk, max(rows, 5), 64), F32))
 
 
+def step(model, ids: np.ndarray, state) -> tuple | None:
+    """Model.step on the compiled decoder's network (built once per model, as generate builds it), or None
+    where that does not cover the model: one compiled call for all layers and the head. Through the layers'
+    path (Model._step_layers: two threadpoolctl limits, a parallel region per layer and for the gather, the
+    head's GEMM and log-softmax) a batch-1 step took, 2 threads, us: bundled 236, char 473, medium 2884; here
+    108, 168, 1040 (one process, alternated)."""
+    net = _net(model, "auto")
+    if net is None:
+        return None
+    B = len(ids)
+    buf = _Buffers(model, model._state_in(state, B), B)
+    lp = np.empty((B, model.vocab_size), F32)
+    _numba_threads(model)
+    with model._serial_launches():
+        dk.step_log_probs(net, buf.h, buf.c, buf.scratch, ids, B, _blocks(model, model.vocab_size), lp)
+    lstm = model.layers[0].cell == "lstm"
+    return lp, model._state_out([(buf.h[1, l, :B], buf.c[1, l, :B] if lstm else None)
+                                 for l in range(len(model.layers))])
+
+
 # --------------------------------------------------------------------------- prompts and prefill
 
 def _start_eos(model) -> tuple[int | None, int | None]:
@@ -360,7 +380,7 @@ class _Rows:
             return
         zero = np.zeros(R)
         for _ in range(steps):
-            lp, self.state = m.step(self.tok, self.state)
+            lp, self.state = m._step_layers(self.tok, self.state)
             all_done = dk.pick_rows(lp, zero, R, self.t, *common, self.done, self.tok, self.out_ids, self.out_lp,
                                     self.e, self.idx)
             self.t += 1
@@ -422,7 +442,7 @@ def _beam(model, opts: Options, seq: np.ndarray) -> list[Hypothesis]:
         state, live = model._state_out(st), np.zeros(K)
         tok, par, n = last[:1], np.zeros(1, np.int64), 1
         for t in range(T):
-            lp, state = model.step(tok, _take(state, par))
+            lp, state = model._step_layers(tok, _take(state, par))
             n, over = dk.beam_update(lp, np.zeros(n), live, n, t, *common, hist, back, *fin)
             if over:
                 break
@@ -445,12 +465,13 @@ def _decode(model, prompts: list[np.ndarray], opts: Options) -> list[list[Hypoth
     if not prompts:
         return []
     seqs = _sequences(model, prompts)
-    if opts.method == "beam":
-        return [_beam(model, opts, s) for s in seqs]
-    N = opts.num_hypotheses
-    rows = _Rows(model, opts, seqs, np.repeat(np.arange(len(seqs)), N))
-    while not rows.finished:
-        rows.advance(opts.max_new_tokens)
+    with model._serial_launches():
+        if opts.method == "beam":
+            return [_beam(model, opts, s) for s in seqs]
+        N = opts.num_hypotheses
+        rows = _Rows(model, opts, seqs, np.repeat(np.arange(len(seqs)), N))
+        while not rows.finished:
+            rows.advance(opts.max_new_tokens)
     hyps = [rows.hypothesis(r) for r in range(len(seqs) * N)]
     return [sorted(hyps[p * N:(p + 1) * N], key=lambda h: -h.score) for p in range(len(seqs))]
 

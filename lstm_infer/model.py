@@ -115,8 +115,13 @@ class Model:
         import numba
 
         numba.set_num_threads(self.threads)
-        with _BLAS(1), (_WORKQUEUE if _unsafe_layer() else contextlib.nullcontext()):
+        with _BLAS(1), self._serial_launches():
             yield
+
+    def _serial_launches(self):
+        """The lock that Numba's workqueue layer needs around kernel launches (see _WORKQUEUE), or none: for
+        the compiled decoder's calls, which use no BLAS and set Numba's thread count themselves."""
+        return _WORKQUEUE if _unsafe_layer() else contextlib.nullcontext()
 
     @property
     def vocab_size(self) -> int | None:
@@ -248,7 +253,22 @@ class Model:
         return out.reshape(T, B, out.shape[1]), self._state_out(st)
 
     def step(self, ids: Any, state: State | None = None) -> tuple[np.ndarray, State]:
-        """One token per row: ids (B,) -> log-probabilities (B, K) of the next token, state."""
+        """One token per row: ids (B,) -> log-probabilities (B, K) of the next token, state.
+
+        Runs on the compiled decoder's network where it covers the model (the first call builds it, as the
+        first generate does), otherwise through the layers like log_probs."""
+        from . import decoding
+
+        self._require_lm("step")
+        ids = self._ids(ids, 1)
+        if ids.size:
+            out = decoding.step(self, ids, state)
+            if out is not None:
+                return out
+        return self._step_layers(ids, state)
+
+    def _step_layers(self, ids: Any, state: State | None = None) -> tuple[np.ndarray, State]:
+        """step() through the layers' kernels and the head (log_probs of one time step)."""
         lp, st = self.log_probs(self._ids(ids, 1)[None, :], state)
         return lp[0], st
 

@@ -133,17 +133,29 @@ def test_logits_log_probs_targets(cell, tmp_path):
     assert_close(st[0], np_state(ref_state[0] if cell == "lstm" else ref_state))
 
 
-def test_step_equals_logits(tmp_path):
-    emb, rnn, head = lm_modules("lstm", seed=5, num_layers=2, proj_size=3)
-    model = engine_from_torch(rnn, "lstm", tmp_path, embedding=emb, head=head)
-    ids = np.random.default_rng(4).integers(0, 23, (10, 2))
-    full, full_state = model.log_probs(ids)
-    state = None
+@pytest.mark.parametrize("cell,kw", [("lstm", dict(proj_size=3)), ("lstm", dict(H=20)), ("gru", {}), ("rnn", {})])
+def test_step_equals_torch(cell, kw, tmp_path):
+    """Model.step runs on the compiled decoder's network (the panel layout for a plain LSTM, with H = 20 a
+    padded last panel): token by token, with the state handed back each time, PyTorch's log-probs and
+    state; and the same as the layers' path (_step_layers)."""
+    emb, rnn, head = lm_modules(cell, seed=5, num_layers=2, **kw)
+    model = engine_from_torch(rnn, cell, tmp_path, embedding=emb, head=head)
+    ids = np.random.default_rng(4).integers(0, 23, (10, 3))
+    ref, ref_state = torch_lm(emb, rnn, head, ids)
+    ref_lp = torch.log_softmax(ref, -1).numpy()
+    state = layers_state = None
     for t in range(10):
         lp, state = model.step(ids[t], state)
-        assert_close(lp, full[t], atol=1e-5)
-    assert_close(state[0], full_state[0])
-    assert_close(state[1], full_state[1])
+        assert_close(lp, ref_lp[t])
+        lp2, layers_state = model._step_layers(ids[t], layers_state)
+        assert_close(lp, lp2)
+    assert model._decode_net[0] is not None  # the compiled path ran
+    ref_state = ref_state if cell == "lstm" else (ref_state, None)
+    assert_close(state[0], np_state(ref_state[0]))
+    if cell == "lstm":
+        assert_close(state[1], np_state(ref_state[1]))
+    else:
+        assert state[1] is None
 
 
 def test_state_carry_equals_one_call(tmp_path):
