@@ -26,8 +26,11 @@ PROJECT_MIN_ROWS = 32  # a batch-1 chunk's projection takes fused.project_rows f
 # them 1.18-1.32 s (same machine, minutes apart).
 COPY_AFTER = 512
 # Layer 0's input projection of every token, W_ih emb[v] + bias, replaces a GEMM per batch by a row copy
-# per token (10 KB for the benchmark's medium model, against 3.4 MFLOP). Built when it fits this size.
-TABLE_BYTES = 128 << 20
+# per token (10 KB for the benchmark's medium model, against 3.4 MFLOP). Allowed up to this size, its rows
+# filled as tokens come (fill_table): the 1500-unit model's 240 MB table took its B32xT128 batch from
+# 1,987-2,047 to 2,151-2,173 tok/s (2 threads, three processes, each alternating both), as its input GEMM
+# (650 -> 6000) was ~9% of the batch.
+TABLE_BYTES = 256 << 20
 TABLE_COLUMNS_V = 2048  # up to this vocabulary a row of the (4H, V) table (8 KB) stays in L1 while a step gathers
 
 
