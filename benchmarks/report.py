@@ -178,7 +178,7 @@ def markdown(res: dict) -> str:
     if res.get("cli"):
         parts += ["", "## `lstm-infer score` on a one-line file (wall time of the whole command)", "",
                   "A one-line file takes the NumPy steps by default (no Numba); `--jit` runs Numba's kernels.", "",
-                  _table(["model", "threads", "options", "tokens", "cold Numba cache (s)", "warm (s)"],
+                  _table(["model", "threads", "options", "tokens", "cold: fresh Numba cache (s)", "warm (s)"],
                          [[c["model"], str(c["threads"]), c.get("options", "--jit"), str(c["tokens"]),
                            f"{c['cold_median_s']:.2f}", f"{c['warm_median_s']:.2f}"] for c in res["cli"]])]
     notes = [f"- {m}: built from {i['converted_from']}" for m, i in res["models"].items()]

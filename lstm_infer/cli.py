@@ -70,8 +70,8 @@ def load_model(path: str | None, threads: int | None, jit: bool = True):
 # `score` runs inputs up to this size in NumPy (eager.py): a one-line score of the 1500-unit model took
 # 1.10-1.29 s with Numba's start-up, 0.54-0.76 s without. NumPy's batch-1 step of that model is slower than
 # the kernels' (~1.3 vs ~0.8 ms a layer): by these figures Numba's start-up pays from roughly 500 words on
-# that model (4 KB is ~800), and much later on small models.
-EAGER_BYTES = 4096
+# that model, and much later on small ones; 2 KB is ~400 words of English.
+EAGER_BYTES = 2048
 
 MODEL_OPTION = click.option("-m", "--model", "model_path", type=click.Path(), default=None,
                             help="Model directory (default: the bundled byte-level English model).")
@@ -115,8 +115,9 @@ def _num(x: float | None) -> float | None:
 @click.option("--scheduler", default=None, metavar="ADDRESS",
               help="Score on a Dask cluster: its scheduler (tcp://host:8786), or 'local' for worker processes here.")
 @click.option("--jit/--no-jit", default=None,
-              help=f"Numba kernels, or plain NumPy steps (LSTM models). Default: NumPy when the FILES come to at most "
-                   f"{EAGER_BYTES // 1024} KB, where Numba's ~0.5 s start-up would outweigh the work.")
+              help=f"Numba kernels, or plain NumPy steps (standard LSTM models; others always take the kernels; "
+                   f"ignored with --scheduler). Default: NumPy when the FILES come to at most {EAGER_BYTES // 1024} "
+                   f"KB, where Numba's ~0.5 s start-up would outweigh the work.")
 def score(files: tuple[str, ...], model_path: str | None, mode: str, fmt: str, per_line: bool, per_token: bool,
           batch_size: int, threads: int | None, progress: bool | None, encoding_errors: str,
           scheduler: str | None, jit: bool | None) -> None:

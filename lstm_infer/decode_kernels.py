@@ -2,7 +2,7 @@
 
 The loops ``decode_rows`` (greedy / sampling) and ``beam_search`` run many tokens in one call, so no
 Python runs per token. The pickers and the beam update are plain @njit functions that the slow
-``Model.step`` fallback in decoding.py calls too, so both paths choose tokens by the same code.
+``Model._step_layers`` fallback in decoding.py calls too, so both paths choose tokens by the same code.
 
 ``net`` (built once per Model by decoding.py) is a tuple
 ``(cell, flags, w, woff, isz, bias, table, b_hn, w_hr, emb, head_w, head_b, Hp, head_t)``:

@@ -3,13 +3,15 @@
 A sequence is the model's start symbol (bos, else eos; none without a tokenizer), then the prompt's
 tokens, then the new tokens. The prompt runs through the batched engine once ("prefill"); new tokens
 come from the compiled loops in decode_kernels.py, or, for stacks those loops do not cover (custom
-activations, peepholes, clip, coupled gates, mixed layers), from a slower loop over ``Model.step``
-that chooses tokens with the same compiled pickers.
+activations, peepholes, clip, coupled gates, mixed layers), from a slower loop over the layers' kernels
+(``Model._step_layers``) that chooses tokens with the same compiled pickers. ``Model.step`` runs on the
+compiled network too where it covers the model (``step`` below).
 
 The compiled path re-lays the recurrent weights once per Model (W_ih and W_hh side by side,
 interleaved per hidden unit, see decode_kernels) and caches that copy on the Model: extra memory equal
 to the recurrent weights, plus layer 0's input projection of every token (V x G*H floats) when that is
-at most TABLE_BYTES; the embedding and head are used in place.
+at most TABLE_BYTES (a limit of its own: recurrent.TABLE_BYTES is the scoring path's table), and the head in
+panels of 64 tokens when that copy is at most TABLE_BYTES; the embedding is used in place.
 """
 
 from __future__ import annotations
@@ -196,7 +198,7 @@ def _build_net(model) -> tuple:
 
 
 def _net(model, engine: str) -> tuple | None:
-    """The compiled network for this model, built once and cached on it; None: use Model.step."""
+    """The compiled network for this model, built once and cached on it; None: use Model._step_layers."""
     if engine == "step":
         return None
     cached = getattr(model, "_decode_net", None)
@@ -213,7 +215,7 @@ def _net(model, engine: str) -> tuple | None:
 def _numba_threads(model) -> None:
     """The compiled loops use no BLAS: setting Numba's thread count is all of Model._threads() they need,
     and it is cheap enough for streaming, where threadpoolctl's limit would cost ~0.1 ms per token."""
-    numba.set_num_threads(model.threads)
+    numba.set_num_threads(min(model.threads, numba.config.NUMBA_NUM_THREADS))
 
 
 GANG_MIN_STEPS = 8  # decoding runs on a gang (dk.decode_rows_gang) from this many steps per call
@@ -241,6 +243,10 @@ def step(model, ids: np.ndarray, state) -> tuple | None:
     path (Model._step_layers: two threadpoolctl limits, a parallel region per layer and for the gather, the
     head's GEMM and log-softmax) a batch-1 step took, 2 threads, us: bundled 236, char 473, medium 2884; here
     108, 168, 1040 (one process, alternated)."""
+    try:
+        _check_model(model)  # a bidirectional stack, or a head that is not the vocabulary: the layers' path
+    except LstmInferError:
+        return None
     net = _net(model, "auto")
     if net is None:
         return None
@@ -317,7 +323,7 @@ class _Buffers:
 class _Rows:
     """R rows of greedy or sampled decoding; row r continues prefilled sequence parent[r].
 
-    ``advance(k)`` runs up to k more steps (compiled, or through Model.step); out_ids / out_lp (R, max)
+    ``advance(k)`` runs up to k more steps (compiled, or through Model._step_layers); out_ids / out_lp (R, max)
     collect each row's tokens and log-probs.
     """
 
@@ -508,7 +514,8 @@ def generate(model, prompt: str | list[str] | None = None, **options: Any) -> li
       are always the model's own (untempered, uncut).
     - seed (None: fresh entropy): sampling with the same seed repeats itself.
     - stop_at_eos (True): False makes eos an ordinary token and every hypothesis max_new_tokens long.
-    - engine ("auto"): "compiled" insists on the compiled loops, "step" forces the Model.step path.
+    - engine ("auto"): "compiled" insists on the compiled loops, "step" forces the layers' path
+      (Model._step_layers).
     """
     opts = _options(options)
     _need_tokenizer(model, "generate")
@@ -558,7 +565,8 @@ def _stream(model, rows: _Rows) -> Iterator[str]:
     utf8 = codecs.getincrementaldecoder("utf-8")("replace")
     first = True
     while not rows.finished:
-        rows.advance(1)
+        with model._serial_launches():  # not across the yield: the caller may launch kernels meanwhile
+            rows.advance(1)
         v = int(rows.out_ids[0, rows.t - 1])
         if rows.done[0]:
             break

@@ -87,7 +87,6 @@ class Model:
         self.config = config
         self.vocab = vocab
         self.path = Path(path) if path is not None else None
-        self.jit = jit  # False: target_log_probs runs in NumPy where eager.fits (one-shot short jobs)
         limit = _thread_limit()
         if threads is not None and (not isinstance(threads, int) or threads < 1):
             raise LstmInferError(f"threads must be a positive integer, got {threads!r}")
@@ -105,7 +104,7 @@ class Model:
         self.tokenizer = Tokenizer.from_config(tok, vocab) if tok is not None else None
         self._uniform = len({(ly.cell, ly.out, ly.hidden) for ly in self.layers}) == 1
         self._table: tuple | None = None  # layer 0's input projection per token (recurrent.token_table)
-        self._eager = not jit and eager.fits(self.layers)
+        self._eager = not jit and eager.fits(self.layers)  # target_log_probs in NumPy (one-shot short jobs)
 
     # ------------------------------------------------------------------ helpers
     @contextlib.contextmanager
@@ -114,7 +113,7 @@ class Model:
         self.workers split the GEMMs (workers.py says why): never oversubscribed."""
         import numba
 
-        numba.set_num_threads(self.threads)
+        numba.set_num_threads(min(self.threads, numba.config.NUMBA_NUM_THREADS))  # _thread_limit's twin
         with _BLAS(1), self._serial_launches():
             yield
 
@@ -255,8 +254,10 @@ class Model:
     def step(self, ids: Any, state: State | None = None) -> tuple[np.ndarray, State]:
         """One token per row: ids (B,) -> log-probabilities (B, K) of the next token, state.
 
-        Runs on the compiled decoder's network where it covers the model (the first call builds it, as the
-        first generate does), otherwise through the layers like log_probs."""
+        Runs on the compiled decoder's network where it covers the model, otherwise through the layers like
+        log_probs. The first call builds that network as the first generate does: a copy of the recurrent
+        weights, layer 0's projection of every token and the head in panels (each up to
+        decoding.TABLE_BYTES)."""
         from . import decoding
 
         self._require_lm("step")
@@ -303,14 +304,16 @@ class Model:
 
     def _target_log_probs_eager(self, ids: np.ndarray, tg: np.ndarray, state: State | None,
                                 lengths: Any) -> tuple[np.ndarray, State]:
-        """target_log_probs in NumPy (eager.py), BLAS on ``threads`` threads."""
+        """target_log_probs in NumPy (eager.py): BLAS on one thread and the workers split the products, as on
+        the kernels' path (so that calls of both kinds in flight agree on BLAS's process-wide limit)."""
         T, B = ids.shape
         st = self._state_in(state, B)
         valid = self._valid(T, B, lengths)
-        with _BLAS(self.threads):
-            feats = eager.run_stack(self.layers, self._embed(ids), st, valid)
+        mm = self.workers.matmul
+        with _BLAS(1):
+            feats = eager.run_stack(self.layers, self._embed(ids), st, valid, mm)
             lp = eager.target_log_probs(feats.reshape(T * B, feats.shape[2]), self.head_w, self.head_b,
-                                        tg.reshape(-1))
+                                        tg.reshape(-1), mm)
         lp = lp.reshape(T, B)
         lp[~valid] = 0.0
         return lp, self._state_out(st)

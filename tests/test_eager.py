@@ -7,6 +7,7 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -81,6 +82,8 @@ def test_onnx_options_match_naive_steps(peep, clip, input_forget, reverse):
     # and the kernels agree (they are tested against the same steps)
     h2, c2 = h0.copy(), c0.copy()
     assert_close(recurrent.run_lstm_t(ly, dw, x, h2, c2, valid, Workers(1)), out)
+    assert_close(h2, h)
+    assert_close(c2, c)
 
 
 def _lm(tmp_path, jit, cell="lstm"):
@@ -100,12 +103,14 @@ def test_target_log_probs_matches_torch_and_kernels(tmp_path):
     lengths = np.array([12, 4, 12])
     lp, (h, c) = eager_model.target_log_probs(ids[:-1], ids[1:], lengths=lengths)
     emb, rnn, head = mods
-    with torch.no_grad():
-        out, (rh, rc) = rnn(emb(torch.from_numpy(ids[:-1, :1])))
-        ref = torch.log_softmax(head(out).double(), -1)[torch.arange(12), 0, torch.from_numpy(ids[1:, 0])]
-    assert_close(lp[:, 0], ref.numpy())
-    assert_close(h[:, 0], rh[:, 0].numpy())
-    assert (lp[4:, 1] == 0).all()
+    for b, n in enumerate(lengths):  # each row alone, as far as it goes
+        with torch.no_grad():
+            out, (rh, rc) = rnn(emb(torch.from_numpy(ids[:n, b:b + 1])))
+            ref = torch.log_softmax(head(out).double(), -1)[torch.arange(n), 0, torch.from_numpy(ids[1:n + 1, b])]
+        assert_close(lp[:n, b], ref.numpy())
+        assert (lp[n:, b] == 0).all()
+        assert_close(h[:, b], rh[:, 0].numpy())
+        assert_close(c[:, b], rc[:, 0].numpy())
     lp2, (h2, c2) = jit_model.target_log_probs(ids[:-1], ids[1:], lengths=lengths)
     assert_close(lp, lp2)
     assert_close(c, c2)
@@ -146,7 +151,7 @@ def test_small_cli_score_never_imports_numba(tmp_path):
     code = ("import sys; from lstm_infer.cli import main\n"
             "try:\n    main()\nexcept SystemExit as e:\n    assert not e.code, e.code\n"
             "print('numba loaded:', 'numba' in sys.modules)")
-    env = dict(os.environ, PYTHONPATH=os.getcwd())
+    env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[1]))
     runs = {}
     for flag in ("", "--jit"):
         args = [sys.executable, "-c", code, "score", "--format", "json", "--no-progress", str(f)] + \

@@ -158,6 +158,22 @@ def test_step_equals_torch(cell, kw, tmp_path):
         assert state[1] is None
 
 
+@pytest.mark.parametrize("case", ["bidirectional", "head-not-vocab"])
+def test_step_outside_the_compiled_network(case, tmp_path):
+    """Stacks the decoder does not cover (generate refuses them) still step, through the layers: PyTorch's
+    log-probs, and no compiled network built."""
+    bi = case == "bidirectional"
+    emb, rnn, _ = lm_modules("lstm", seed=8, num_layers=2, bidirectional=bi)
+    head = nn.Linear(16 if bi else 8, 23 if bi else 26)
+    scramble(head, 8, scale=0.8)
+    model = engine_from_torch(rnn, "lstm", tmp_path, embedding=emb, head=head)
+    ids = np.random.default_rng(6).integers(0, 23, (1, 3))
+    lp, _ = model.step(ids[0])
+    ref, _ = torch_lm(emb, rnn, head, ids)
+    assert_close(lp, torch.log_softmax(ref[0], -1).numpy())
+    assert getattr(model, "_decode_net", None) is None
+
+
 def test_state_carry_equals_one_call(tmp_path):
     emb, rnn, head = lm_modules("gru", seed=6, num_layers=1)
     model = engine_from_torch(rnn, "gru", tmp_path, embedding=emb, head=head)

@@ -523,15 +523,15 @@ def byte_model(good):
 def no_kernels(monkeypatch):
     """Every way into compiled code raises: a refusal must come before any of them."""
     import lstm_infer.decoding as decoding
-    from lstm_infer import eager, head, recurrent
+    from lstm_infer import head, recurrent
 
     def boom(*a, **k):
         raise AssertionError("a kernel was reached")
     monkeypatch.setattr(recurrent, "run_stack", boom)
     for name in ("logits", "log_probs", "target_log_probs"):
         monkeypatch.setattr(head, name, boom)
-    monkeypatch.setattr(eager, "run_stack", boom)
     monkeypatch.setattr(decoding, "_decode", boom)
+    monkeypatch.setattr(decoding, "step", boom)
 
 
 # decoding.generate_ids converts ragged prompts with np.asarray itself (a ValueError): left to its owner.
