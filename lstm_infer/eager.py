@@ -15,8 +15,6 @@ PyTorch. Shapes: T steps, B rows, H units, P = proj_size or H, G = 4H.
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
 import numpy as np
 
 from .layers import BIG, Direction, Layer
@@ -35,15 +33,12 @@ def _sigmoid(x: np.ndarray) -> np.ndarray:
         return F32(1.0) / (F32(1.0) + np.exp(-x))
 
 
-MatMul = Callable[[np.ndarray, np.ndarray], np.ndarray]
-
-
-def _lstm(ly: Layer, dw: Direction, x: np.ndarray, h: np.ndarray, c: np.ndarray, valid: np.ndarray,
-          mm: MatMul) -> np.ndarray:
+def _lstm(ly: Layer, dw: Direction, x: np.ndarray, h: np.ndarray, c: np.ndarray, valid: np.ndarray
+          ) -> np.ndarray:
     """One direction: x (T, B, I) -> out (T, B, P); h (B, P), c (B, H) updated in place; valid (T, B)."""
     T, B, _ = x.shape
     H = ly.hidden
-    gx = mm(x.reshape(T * B, x.shape[2]), dw.w_ih.T).reshape(T, B, 4 * H)
+    gx = (x.reshape(T * B, x.shape[2]) @ dw.w_ih.T).reshape(T, B, 4 * H)
     gx += dw.bias
     peep = dw.peep if dw.peep.any() else None
     clip = None if ly.clip >= BIG else ly.clip
@@ -54,7 +49,7 @@ def _lstm(ly: Layer, dw: Direction, x: np.ndarray, h: np.ndarray, c: np.ndarray,
         return v if clip is None else np.clip(v, -clip, clip)
 
     for t in range(T - 1, -1, -1) if dw.reverse else range(T):
-        g = gx[t] + mm(hs, dw.w_hh.T)  # (B, G): gate order i, f, g, o (format.py)
+        g = gx[t] + hs @ dw.w_hh.T  # (B, G): gate order i, f, g, o (format.py)
         gi, gf, gg, go = g[:, :H], g[:, H:2 * H], g[:, 2 * H:3 * H], g[:, 3 * H:]
         if peep is not None:  # input and forget gates see c(t-1), the output gate c(t)
             gi, gf = gi + peep[0] * cs, gf + peep[1] * cs
@@ -65,7 +60,7 @@ def _lstm(ly: Layer, dw: Direction, x: np.ndarray, h: np.ndarray, c: np.ndarray,
             go = go + peep[2] * cn
         y = _sigmoid(pre(go)) * np.tanh(cn)
         if dw.w_hr is not None:
-            y = mm(y, dw.w_hr.T)
+            y = y @ dw.w_hr.T
         ok = valid[t][:, None]  # a row past its length keeps its state and emits zeros
         cs = np.where(ok, cn, cs)
         hs = np.where(ok, y, hs)
@@ -75,29 +70,26 @@ def _lstm(ly: Layer, dw: Direction, x: np.ndarray, h: np.ndarray, c: np.ndarray,
     return out
 
 
-def run_stack(layers: list[Layer], x: np.ndarray, state: list, valid: np.ndarray, mm: MatMul = np.matmul
-              ) -> np.ndarray:
-    """recurrent.run_stack for fits() stacks: x (T, B, I) -> (T, B, D*P); state (layers.zero_state) in place.
-    ``mm`` multiplies (Model passes its workers' matmul, which splits over threads with BLAS on one)."""
+def run_stack(layers: list[Layer], x: np.ndarray, state: list, valid: np.ndarray) -> np.ndarray:
+    """recurrent.run_stack for fits() stacks: x (T, B, I) -> (T, B, D*P); state (layers.zero_state) in place."""
     k = 0
     for ly in layers:
         outs = []
         for dw in ly.dirs:
             h, c = state[k]
-            outs.append(_lstm(ly, dw, x, h, c, valid, mm))
+            outs.append(_lstm(ly, dw, x, h, c, valid))
             k += 1
         x = outs[0] if len(outs) == 1 else np.concatenate(outs, axis=2)
     return x
 
 
-def target_log_probs(feats: np.ndarray, w: np.ndarray, b: np.ndarray | None, targets: np.ndarray,
-                     mm: MatMul = np.matmul) -> np.ndarray:
+def target_log_probs(feats: np.ndarray, w: np.ndarray, b: np.ndarray | None, targets: np.ndarray) -> np.ndarray:
     """log_softmax(feats @ w.T + b)[n, targets[n]] for feats (N, F), targets (N,) -> (N,), float64 sums."""
     n = feats.shape[0]
     out = np.empty(n, F32)
     for s in range(0, n, TILE_ROWS):
         e = min(n, s + TILE_ROWS)
-        z = mm(feats[s:e], w.T)
+        z = feats[s:e] @ w.T
         if b is not None:
             z += b
         m = z.max(axis=1, keepdims=True)
