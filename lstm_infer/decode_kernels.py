@@ -22,6 +22,9 @@ Python runs per token. The pickers and the beam update are plain @njit functions
     emb    (V, E),  head_w (K, F),  head_b (K,),  Hp int (0: w is not in panels)
     head_t (Kp/64, F, 64) head_w in panels of 64 tokens (Kp = K rounded up to 64; zero padding), or
                         (0, 0, 64) when that copy would pass TABLE_BYTES (head_blocks)
+    have   (V,) bool   which table rows are there: all for a table built whole; a table filled on demand
+                        (fill_rows) starts with none; (0,) without a table
+    w_ih0  (G*H, E)    layer 0's W_ih for fill_rows, or (0, 0) unless the table fills on demand
 
 State lives in double buffers: hbuf (2, L, R, P), cbuf (2, L, R, H). A step reads the ``cur`` half and
 writes the other; row b continues from row ``par[b]`` of the old half, which is how beams reorder
@@ -343,11 +346,37 @@ def _layer(net, l, x, pre, prow, hbuf, cbuf, scratch, acc, cur, par, ident, n):
 
 
 @njit(**FAST)
+def fill_rows(net, tok, n):
+    """The table rows W_ih emb[v] + bias of the tokens v = tok[b], b < n, that are not there yet, when the
+    table fills on demand: one pass over W_ih (G*H x E) per new token, what every step without a table
+    pays. Rows before their mark (have), so that a reader who sees the mark finds the row."""
+    have, w_ih0 = net[14], net[15]
+    if w_ih0.shape[0] == 0:
+        return
+    table, bias, emb = net[6], net[5], net[9]
+    G, H = table.shape[1], table.shape[2]
+    for b in range(n):
+        v = tok[b]
+        if have[v]:
+            continue
+        e, row = emb[v], table[v]
+        for g in range(G):
+            for j in range(H):
+                w = w_ih0[g * H + j]
+                s = _ZERO
+                for k in range(e.shape[0]):
+                    s += w[k] * e[k]
+                row[g, j] = s + bias[0, 0, g, j]
+        have[v] = True
+
+
+@njit(**FAST)
 def stack_step(net, hbuf, cbuf, scratch, acc, cur, tok, par, ident, n):
     """Rows b < n take token tok[b] and continue state row par[b] of half ``cur``; writes half 1 - cur.
 
     scratch (3, R, H) and acc (H, 2, 4, 5) float32 scratch; ident (R,) = arange(R).
     """
+    fill_rows(net, tok, n)
     bias, table, emb = net[5], net[6], net[9]
     zeros = np.zeros(n, np.int64)
     if table.shape[0] > 0:
@@ -695,6 +724,7 @@ def decode_rows_gang(net, hbuf, cbuf, cur, tok, par, n, t0, steps, nblk, min_new
             _lse(bmax, bsum, n, nblk, lse)
             ctl[t - t0] = pick_rows(logits, lse, n, t, min_new, eos, stop, sample, temperature, top_k, top_p, rng,
                                     done, tok, out_ids, out_lp, e, idx)
+            fill_rows(net, tok, n)  # the caller filled the first step's rows
             finish(counters, phase, members)
         wait_all(counters, phase, members, 1)
         phase += 1
@@ -917,6 +947,7 @@ def beam_search_gang(net, hbuf, cbuf, cur, beam, max_new, min_new, eos, stop, al
             if not over:
                 tok[:nl] = hist[t, :nl]
                 par[:nl] = back[t, :nl]
+                fill_rows(net, tok, nl)
             ctl[t, 0] = nl
             ctl[t, 1] = over
             finish(counters, phase, members)

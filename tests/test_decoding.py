@@ -257,11 +257,19 @@ def test_compiled_equals_step_path(key, tmp_path, monkeypatch):
     budget = decoding.TABLE_BYTES
     for kw in runs:
         slow = model.generate("ca", max_new_tokens=10, min_new_tokens=1, engine="step", **kw)
-        for table in (True, False):
-            monkeypatch.setattr(decoding, "TABLE_BYTES", budget if table else 0)
+        for table in ("whole", "rows", None):  # built whole, filled on demand (dk.fill_rows), none
+            monkeypatch.setattr(decoding, "TABLE_BYTES", budget if table == "whole" else 0)
+            monkeypatch.setattr(decoding, "TABLE_ROWS_BYTES", budget if table == "rows" else 0)
             model._decode_net = None  # rebuild the compiled network under this setting
             fast = model.generate("ca", max_new_tokens=10, min_new_tokens=1, engine="compiled", **kw)
-            assert len(model._decode_net[0][6]) == (13 if table else 0)
+            net = model._decode_net[0]
+            assert len(net[6]) == (13 if table else 0)
+            if table == "rows":  # the rows of the tokens fed in ('a', then the new ones), right, and no others
+                have, tab, d = net[14], net[6], model.layers[0].dirs[0]
+                want = (np.asarray(model.embedding) @ np.asarray(d.w_ih).T + d.bias).reshape(tab.shape)
+                assert have[1] and all(have[i] for h in fast for i in h.ids[:-1])
+                assert_close(tab[have], want[have])
+                assert not tab[~have].any()
             assert [(h.ids, h.ended) for h in fast] == [(h.ids, h.ended) for h in slow], (kw, table)
             assert_close([h.log_prob for h in fast], [h.log_prob for h in slow], atol=1e-5)
 
@@ -440,9 +448,10 @@ def test_gang_decoder_equals_step_path(threads, tmp_path, monkeypatch):
                dict(method="beam", beam_size=5, num_hypotheses=3, length_penalty=0.8, min_new_tokens=3),
                dict(method="beam", beam_size=7, num_hypotheses=2, stop_at_eos=False)):
         slow = model.generate("ab", max_new_tokens=20, engine="step", **kw)
-        for table in (True, False):
-            # without the table (13 x 80 floats) but with the head's panels (13 x 20)
-            monkeypatch.setattr(decoding, "TABLE_BYTES", budget if table else 13 * 40 * 4)
+        for table in ("whole", "rows", None):
+            # without the whole table (13 x 80 floats) but with the head's panels (13 x 20)
+            monkeypatch.setattr(decoding, "TABLE_BYTES", budget if table == "whole" else 13 * 40 * 4)
+            monkeypatch.setattr(decoding, "TABLE_ROWS_BYTES", budget if table == "rows" else 0)
             model._decode_net = None
             calls.clear()
             fast = model.generate("ab", max_new_tokens=20, engine="compiled", **kw)
