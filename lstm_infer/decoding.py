@@ -22,13 +22,13 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
-import numba
 import numpy as np
 
 from . import decode_kernels as dk
-from . import fused, gang, recurrent
+from . import fused, gang
 from .errors import LstmInferError
 from .format import CELLS
+from .layers import zero_state
 from .simd import LANES
 
 F32 = np.float32
@@ -40,8 +40,9 @@ CELL_CODES = {"lstm": 0, "gru": 1, "rnn": 2}
 # V10k E650 H650 L2 model, for a 104 MB table).
 TABLE_BYTES = 128 << 20
 # Larger tables, up to this size, start empty and fill a row the first time its token comes (dk.fill_rows):
-# building the 1500-unit model's 240 MB table whole took its first generate from 0.8 to 1.5 s; with it
-# a greedy token took 3.54 instead of 3.86 ms and a beam-5 step 4.03 instead of 4.96 (16 MB less W_ih).
+# the 1500-unit model's 240 MB table built whole is a 78 GFLOP GEMM (0.42-1.18 s in three runs) that a
+# short generate would pay; filled on demand it took a greedy token from 4.46 to 4.06 ms and a beam-5 step
+# from 5.96 to 4.23 (16 MB less W_ih per token; 2 threads, one process, alternated).
 TABLE_ROWS_BYTES = 256 << 20
 
 
@@ -219,12 +220,6 @@ def _net(model, engine: str) -> tuple | None:
     return net
 
 
-def _numba_threads(model) -> None:
-    """The compiled loops use no BLAS: setting Numba's thread count is all of Model._threads() they need,
-    and it is cheap enough for streaming, where threadpoolctl's limit would cost ~0.1 ms per token."""
-    numba.set_num_threads(min(model.threads, numba.config.NUMBA_NUM_THREADS))
-
-
 GANG_MIN_STEPS = 8  # decoding runs on a gang (dk.decode_rows_gang) from this many steps per call
 
 
@@ -260,8 +255,7 @@ def step(model, ids: np.ndarray, state) -> tuple | None:
     B = len(ids)
     buf = _Buffers(model, model._state_in(state, B), B)
     lp = np.empty((B, model.vocab_size), F32)
-    _numba_threads(model)
-    with model._serial_launches():
+    with model._kernel_launches():
         dk.step_log_probs(net, buf.h, buf.c, buf.scratch, ids, B, _blocks(model, model.vocab_size), lp)
     lstm = model.layers[0].cell == "lstm"
     return lp, model._state_out([(buf.h[1, l, :B], buf.c[1, l, :B] if lstm else None)
@@ -293,7 +287,7 @@ def _prefill(model, seqs: list[np.ndarray]) -> tuple[list, np.ndarray]:
     last = np.array([s[-1] for s in seqs], np.int64)
     T = int(lengths.max())
     if T == 0:
-        return recurrent.zero_state(model.layers, len(seqs)), last
+        return zero_state(model.layers, len(seqs)), last
     ids = np.zeros((T, len(seqs)), np.int64)
     for b, s in enumerate(seqs):
         ids[: len(s) - 1, b] = s[:-1]
@@ -387,10 +381,10 @@ class _Rows:
             return
         if self.net is not None:
             b = self.buf
-            _numba_threads(m)
-            self.t, self.cur = dk.decode_rows(self.net, b.h, b.c, b.scratch, self.cur, self.tok, self.par, R,
-                                              self.t, steps, _blocks(m, m.vocab_size), *common, self.done,
-                                              self.out_ids, self.out_lp)
+            with m._kernel_launches():
+                self.t, self.cur = dk.decode_rows(self.net, b.h, b.c, b.scratch, self.cur, self.tok, self.par, R,
+                                                  self.t, steps, _blocks(m, m.vocab_size), *common, self.done,
+                                                  self.out_ids, self.out_lp)
             return
         zero = np.zeros(R)
         for _ in range(steps):
@@ -451,8 +445,8 @@ def _beam(model, opts: Options, seq: np.ndarray) -> list[Hypothesis]:
         if _gang_fits(model, net, T):
             _beam_gang(model, net, buf, int(last[0]), common, hist, back, fin)
         else:
-            _numba_threads(model)
-            dk.beam_search(net, buf.h, buf.c, buf.scratch, 0, int(last[0]), *common, hist, back, *fin)
+            with model._kernel_launches():
+                dk.beam_search(net, buf.h, buf.c, buf.scratch, 0, int(last[0]), *common, hist, back, *fin)
     else:
         state, live = model._state_out(st), np.zeros(K)
         tok, par, n = last[:1], np.zeros(1, np.int64), 1
@@ -480,13 +474,12 @@ def _decode(model, prompts: list[np.ndarray], opts: Options) -> list[list[Hypoth
     if not prompts:
         return []
     seqs = _sequences(model, prompts)
-    with model._serial_launches():
-        if opts.method == "beam":
-            return [_beam(model, opts, s) for s in seqs]
-        N = opts.num_hypotheses
-        rows = _Rows(model, opts, seqs, np.repeat(np.arange(len(seqs)), N))
-        while not rows.finished:
-            rows.advance(opts.max_new_tokens)
+    if opts.method == "beam":
+        return [_beam(model, opts, s) for s in seqs]
+    N = opts.num_hypotheses
+    rows = _Rows(model, opts, seqs, np.repeat(np.arange(len(seqs)), N))
+    while not rows.finished:
+        rows.advance(opts.max_new_tokens)
     hyps = [rows.hypothesis(r) for r in range(len(seqs) * N)]
     return [sorted(hyps[p * N:(p + 1) * N], key=lambda h: -h.score) for p in range(len(seqs))]
 
@@ -574,8 +567,7 @@ def _stream(model, rows: _Rows) -> Iterator[str]:
     utf8 = codecs.getincrementaldecoder("utf-8")("replace")
     first = True
     while not rows.finished:
-        with model._serial_launches():  # not across the yield: the caller may launch kernels meanwhile
-            rows.advance(1)
+        rows.advance(1)
         v = int(rows.out_ids[0, rows.t - 1])
         if rows.done[0]:
             break

@@ -1,9 +1,10 @@
 """Scoring in plain NumPy, for one-shot jobs too short to pay for Numba's start-up.
 
-A fresh process that runs one kernel pays 0.27-0.37 s importing Numba and ~0.2 s for its first cache load
+A fresh process that runs one kernel pays 0.27-0.37 s importing lstm-infer with Numba (most of it Numba) and
+~0.2 s for Numba's first cache load
 (the typing and lowering registries, under cProfile), whatever the kernel. A warm one-line ``lstm-infer
 score`` (128 words) of the benchmark's 1500-unit model took 1.10-1.29 s that way, of which the steps were
-0.15-0.19 s; here it takes 0.54-0.76 s, and on the bundled model 0.18-0.25 s against 0.39-0.55 s (runs on one
+0.15-0.19 s; here it takes 0.54-0.76 s, and on the bundled model 0.18-0.25 s against 0.39-0.84 s (runs on one
 2-core VM, minutes apart). So the CLI scores small files with these steps (Model(jit=False)) and Numba is
 never imported. Everything else, and long inputs, take the kernels.
 

@@ -111,16 +111,19 @@ class Model:
     def _threads(self):
         """Numba (per calling thread) gets ``threads``; BLAS (process-wide, see _BlasLimit) one thread, since
         self.workers split the GEMMs (workers.py says why): never oversubscribed."""
-        import numba
-
-        numba.set_num_threads(min(self.threads, numba.config.NUMBA_NUM_THREADS))  # _thread_limit's twin
-        with _BLAS(1), self._serial_launches():
+        with _BLAS(1), self._kernel_launches():
             yield
 
-    def _serial_launches(self):
-        """The lock that Numba's workqueue layer needs around kernel launches (see _WORKQUEUE), or none: for
-        the compiled decoder's calls, which use no BLAS and set Numba's thread count themselves."""
-        return _WORKQUEUE if _unsafe_layer() else contextlib.nullcontext()
+    @contextlib.contextmanager
+    def _kernel_launches(self):
+        """What every launch of compiled kernels needs: Numba's thread count (capped by Numba's own limit,
+        which _thread_limit mirrors) and, under the workqueue layer, the lock (_WORKQUEUE). The compiled
+        decoder takes only this: it uses no BLAS, and threadpoolctl's limit costs ~0.1 ms a streamed token."""
+        import numba
+
+        numba.set_num_threads(min(self.threads, numba.config.NUMBA_NUM_THREADS))
+        with _WORKQUEUE if _unsafe_layer() else contextlib.nullcontext():
+            yield
 
     @property
     def vocab_size(self) -> int | None:
@@ -268,9 +271,9 @@ class Model:
                 return out
         return self._step_layers(ids, state)
 
-    def _step_layers(self, ids: Any, state: State | None = None) -> tuple[np.ndarray, State]:
-        """step() through the layers' kernels and the head (log_probs of one time step)."""
-        lp, st = self.log_probs(self._ids(ids, 1)[None, :], state)
+    def _step_layers(self, ids: np.ndarray, state: State | None = None) -> tuple[np.ndarray, State]:
+        """step() through the layers' kernels and the head (log_probs of one time step); ids (B,) int."""
+        lp, st = self.log_probs(ids[None, :], state)
         return lp[0], st
 
     def target_log_probs(self, inputs: Any, targets: Any, state: State | None = None,
@@ -285,39 +288,41 @@ class Model:
         if tg.shape != ids.shape:
             raise LstmInferError(f"targets shape {tg.shape} differs from inputs shape {ids.shape}")
         T, B = ids.shape
-        if self._eager:
-            return self._target_log_probs_eager(ids, tg, state, lengths)
+        lp, st = self._target_log_probs_eager(ids, tg, state, lengths) if self._eager else \
+            self._target_log_probs_kernels(ids, tg, state, lengths)
+        if lengths is not None:
+            lp[~self._valid(T, B, lengths)] = 0.0
+        return lp, self._state_out(st)
+
+    def _target_log_probs_kernels(self, ids: np.ndarray, tg: np.ndarray, state: State | None,
+                                  lengths: Any) -> tuple[np.ndarray, list]:
+        """(lp (T, B), state list) through the layers' kernels and the fused head."""
         from . import head, recurrent
 
+        T, B = ids.shape
         # A small head reads the last layer's output feature-major, as its GEMM wants it (head.py)
         fm = T * B > 0 and recurrent.feature_major(self.layers[-1], B) and head.fm_fits(self.head_w, T)
         feats, st = self._forward_ids(ids, state, lengths, fm)
         with self._threads():
             if fm:
-                lp = head.target_log_probs_fm(feats, B, self.head_w, self.head_b, tg)
-            else:
-                lp = head.target_log_probs(feats.reshape(T * B, feats.shape[2]), self.head_w, self.head_b,
-                                           tg.reshape(-1), self.workers).reshape(T, B)
-        if lengths is not None:
-            lp[~self._valid(T, B, lengths)] = 0.0
-        return lp, self._state_out(st)
+                return head.target_log_probs_fm(feats, B, self.head_w, self.head_b, tg), st
+            return head.target_log_probs(feats.reshape(T * B, feats.shape[2]), self.head_w, self.head_b,
+                                         tg.reshape(-1), self.workers).reshape(T, B), st
 
     def _target_log_probs_eager(self, ids: np.ndarray, tg: np.ndarray, state: State | None,
-                                lengths: Any) -> tuple[np.ndarray, State]:
-        """target_log_probs in NumPy (eager.py), BLAS on ``threads`` threads. Not the kernels' policy (BLAS on
-        one thread, the workers splitting each product): for batch-1 steps OpenBLAS's own threads were faster,
-        0.25-0.28 against 0.36-0.40 s for a 128-token line of the 1500-unit model. A kernel call in flight at
-        the same time shares BLAS's process-wide limit with this one (_BlasLimit): whichever came first sets it."""
+                                lengths: Any) -> tuple[np.ndarray, list]:
+        """(lp (T, B), state list) in NumPy (eager.py), BLAS on ``threads`` threads. Not the kernels' policy
+        (BLAS on one thread, the workers splitting each product): for batch-1 steps OpenBLAS's own threads were
+        faster, 0.25-0.28 against 0.36-0.40 s for a 128-token line of the 1500-unit model. A kernel call in
+        flight at the same time shares BLAS's process-wide limit with this one (_BlasLimit): whichever came
+        first sets it."""
         T, B = ids.shape
         st = self._state_in(state, B)
-        valid = self._valid(T, B, lengths)
         with _BLAS(self.threads):
-            feats = eager.run_stack(self.layers, self._embed(ids), st, valid)
+            feats = eager.run_stack(self.layers, self._embed(ids), st, self._valid(T, B, lengths))
             lp = eager.target_log_probs(feats.reshape(T * B, feats.shape[2]), self.head_w, self.head_b,
                                         tg.reshape(-1))
-        lp = lp.reshape(T, B)
-        lp[~valid] = 0.0
-        return lp, self._state_out(st)
+        return lp.reshape(T, B), st
 
     def score(self, text_or_lines: str | list[str], mode: str = "sentences", *, batch_size: int = 64,
               per_token: bool = False):

@@ -14,7 +14,7 @@ import numpy as np
 
 from . import fused, gang, kernels
 from .format import CELLS
-from .layers import Direction, Layer, build_layers, plain_lstm, zero_state  # noqa: F401
+from .layers import Direction, Layer, plain_lstm
 from .workers import Workers
 
 F32 = np.float32

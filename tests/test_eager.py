@@ -17,9 +17,9 @@ from torch import nn  # noqa: E402
 
 from lstm_infer import eager, load, recurrent  # noqa: E402
 from lstm_infer.cli import EAGER_BYTES, _small_files  # noqa: E402
-from lstm_infer.layers import BIG  # noqa: E402
+from lstm_infer.layers import zero_state  # noqa: E402
 from lstm_infer.workers import Workers  # noqa: E402
-from tests.test_fused import reference  # noqa: E402
+from tests.test_fused import _direction, reference  # noqa: E402
 from tests.util import assert_close, engine_from_torch, scramble  # noqa: E402
 
 rng = np.random.default_rng(11)
@@ -42,7 +42,7 @@ def test_stack_matches_torch(kw, tmp_path):
     x = u(T, B, 7)
     lengths = np.array([8, 5, 1])
     valid = np.arange(T)[:, None] < lengths[None, :]
-    state = recurrent.zero_state(model.layers, B)
+    state = zero_state(model.layers, B)
     for h, c in state:
         h[...], c[...] = u(*h.shape), u(*c.shape)
     h0 = torch.from_numpy(np.stack([h for h, _ in state]))
@@ -61,15 +61,11 @@ def test_stack_matches_torch(kw, tmp_path):
 @pytest.mark.parametrize("peep,clip,input_forget,reverse", [
     (True, None, False, False), (False, 0.7, False, True), (True, 0.9, True, False), (False, None, True, True)])
 def test_onnx_options_match_naive_steps(peep, clip, input_forget, reverse):
-    """Peepholes, clip and the coupled input-forget gate (ONNX's LSTM), weights scaled so that the gates
-    saturate and a clip that did nothing would show, against tests/naive.py in float64."""
+    """Peepholes, clip and the coupled input-forget gate (ONNX's LSTM) against tests/naive.py in float64, on
+    test_fused's layers (weights scaled so that a wrong gate order or an ignored clip shows)."""
     T, B, I, H = 9, 4, 5, 12
-    dw = recurrent.Direction(w_ih=u(4 * H, I, scale=1.5), w_hh=u(4 * H, H, scale=1.5), bias=u(4 * H),
-                             b_hn=None, peep=u(3, H) if peep else np.zeros((3, H), np.float32), w_hr=None,
-                             codes=np.array([0, 1, 1]), alphas=np.zeros(3, np.float32),
-                             betas=np.zeros(3, np.float32), standard=True, reverse=reverse)
-    ly = recurrent.Layer(cell="lstm", input_size=I, hidden=H, out=H, clip=np.float32(clip) if clip else BIG,
-                         input_forget=input_forget, lbr=False, dirs=[dw])
+    ly = _direction(I, H, peep, clip, input_forget, reverse)
+    dw = ly.dirs[0]
     x, h0, c0 = u(T, B, I), u(B, H), u(B, H)
     valid = np.arange(T)[:, None] < np.array([9, 3, 0, 7])[None, :]
     h, c = h0.copy(), c0.copy()

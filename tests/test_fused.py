@@ -9,6 +9,7 @@ import pytest
 from numba import njit
 
 from lstm_infer import fused, kernels, recurrent
+from lstm_infer.layers import Direction, Layer, zero_state
 from lstm_infer.simd import rows_gemm, rows_gemm2
 from lstm_infer.workers import Workers
 from tests import naive
@@ -138,10 +139,10 @@ def _check_direction(B, H, peep, clip, input_forget, ragged, reverse, threads):
     lengths = rng.integers(0, T + 1, B) if ragged else np.full(B, T)
     valid = np.arange(T)[:, None] < lengths[None, :]
     h0, c0 = u(B, H), u(B, H)
-    dw = recurrent.Direction(w_ih=w_ih, w_hh=w_hh, bias=bias, b_hn=None, peep=p, w_hr=None,
+    dw = Direction(w_ih=w_ih, w_hh=w_hh, bias=bias, b_hn=None, peep=p, w_hr=None,
                              codes=np.array([0, 1, 1]), alphas=np.zeros(3, np.float32),
                              betas=np.zeros(3, np.float32), standard=True, reverse=reverse)
-    ly = recurrent.Layer(cell="lstm", input_size=I, hidden=H, out=H,
+    ly = Layer(cell="lstm", input_size=I, hidden=H, out=H,
                          clip=np.float32(clip) if clip else kernels.BIG, input_forget=input_forget, lbr=False,
                          dirs=[dw])
     h, c = h0.copy(), c0.copy()
@@ -156,10 +157,10 @@ def _check_direction(B, H, peep, clip, input_forget, ragged, reverse, threads):
 def _direction(I, H, peep, clip, input_forget, reverse=False):
     w_ih, w_hh, bias = u(4 * H, I, scale=0.8), u(4 * H, H, scale=1.5 / np.sqrt(H)), u(4 * H, scale=0.6)
     p = u(3, H) if peep else np.zeros((3, H), np.float32)
-    dw = recurrent.Direction(w_ih=w_ih, w_hh=w_hh, bias=bias, b_hn=None, peep=p, w_hr=None,
+    dw = Direction(w_ih=w_ih, w_hh=w_hh, bias=bias, b_hn=None, peep=p, w_hr=None,
                              codes=np.array([0, 1, 1]), alphas=np.zeros(3, np.float32),
                              betas=np.zeros(3, np.float32), standard=True, reverse=reverse)
-    return recurrent.Layer(cell="lstm", input_size=I, hidden=H, out=H,
+    return Layer(cell="lstm", input_size=I, hidden=H, out=H,
                            clip=np.float32(clip) if clip else kernels.BIG, input_forget=input_forget, lbr=False,
                            dirs=[dw])
 
@@ -183,7 +184,7 @@ def test_stack_folds_input_projection(B, sizes, T, ragged, threads, monkeypatch)
     x = u(T, B, I)
     lengths = rng.integers(0, T + 1, B) if ragged else np.full(B, T)
     valid = np.arange(T)[:, None] < lengths[None, :]
-    state = recurrent.zero_state(layers, B)
+    state = zero_state(layers, B)
     for h, c in state:
         h[...], c[...] = u(*h.shape), u(*c.shape)
     init = [(h.copy(), c.copy()) for h, c in state]
