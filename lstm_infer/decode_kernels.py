@@ -24,7 +24,8 @@ Python runs per token. The pickers and the beam update are plain @njit functions
                         (0, 0, 64) when that copy would pass TABLE_BYTES (head_blocks)
     have   (V,) bool   which table rows are there: all for a table built whole; a table filled on demand
                         (fill_rows) starts with none; (0,) without a table
-    w_ih0  (G*H, E)    layer 0's W_ih for fill_rows, or (0, 0) unless the table fills on demand
+    w_t    (E, Gp)     layer 0's W_ih for fill_rows (fused.tokens_weights), or (0, 0) unless the table fills
+                        on demand
 
 State lives in double buffers: hbuf (2, L, R, P), cbuf (2, L, R, H). A step reads the ``cur`` half and
 writes the other; row b continues from row ``par[b]`` of the old half, which is how beams reorder
@@ -36,7 +37,7 @@ from __future__ import annotations
 import numpy as np
 from numba import njit, prange
 
-from .fused import dot4x1, dot4x4
+from .fused import dot4x1, dot4x4, project_tokens
 from .gang import finish, take, wait_all
 from .kernels import BIG, FAST, fsigmoid, ftanh
 from .simd import SMALL_ROWS, small_rows
@@ -348,26 +349,19 @@ def _layer(net, l, x, pre, prow, hbuf, cbuf, scratch, acc, cur, par, ident, n):
 @njit(**FAST)
 def fill_rows(net, tok, n):
     """The table rows W_ih emb[v] + bias of the tokens v = tok[b], b < n, that are not there yet, when the
-    table fills on demand: one pass over W_ih (G*H x E) per new token, what every step without a table
-    pays. Rows before their mark (have), so that a reader who sees the mark finds the row."""
-    have, w_ih0 = net[14], net[15]
-    if w_ih0.shape[0] == 0:
+    table fills on demand (fused.project_tokens): one pass over W_ih per new token, what every step without
+    a table pays."""
+    w_t, have = net[15], net[14]
+    if w_t.shape[0] == 0:
         return
-    table, bias, emb = net[6], net[5], net[9]
-    G, H = table.shape[1], table.shape[2]
+    fresh = False
     for b in range(n):
-        v = tok[b]
-        if have[v]:
-            continue
-        e, row = emb[v], table[v]
-        for g in range(G):
-            for j in range(H):
-                w = w_ih0[g * H + j]
-                s = _ZERO
-                for k in range(e.shape[0]):
-                    s += w[k] * e[k]
-                row[g, j] = s + bias[0, 0, g, j]
-        have[v] = True
+        fresh |= not have[tok[b]]
+    if fresh:  # most steps: nothing to allocate
+        table, bias = net[6], net[5]
+        V, G, H = table.shape
+        project_tokens(net[9], w_t, bias[0, 0].reshape(G * H), tok[:n], table.reshape(V, G * H),
+                       np.empty((0, 0), F32), have)
 
 
 @njit(**FAST)

@@ -162,12 +162,19 @@ def _build_net(model) -> tuple:
     dirs = [ly.dirs[0] for ly in layers]
     bias = np.stack([np.asarray(d.bias).reshape(G, H) for d in dirs])[:, None]
     V = model.vocab_size
-    w_ih0 = np.zeros((0, 0), F32)
-    if V * G * H * 4 <= TABLE_BYTES:
+    w_t = np.zeros((0, 0), F32)
+    shared = model._token_table() if V * G * H * 4 <= TABLE_ROWS_BYTES else None
+    if shared is not None:  # scoring's table (an LSTM's): the same rows, filled by the same kernel
+        if V * G * H * 4 <= TABLE_BYTES or shared.cols is not None:  # cols: only TokenTable.fill writes them
+            shared.fill(np.arange(V), model.workers)
+        else:
+            w_t = shared.w_t
+        table, have = shared.rows.reshape(V, G, H), shared.have
+    elif V * G * H * 4 <= TABLE_BYTES:
         gx = np.matmul(np.asarray(model.embedding), np.asarray(dirs[0].w_ih).T) + dirs[0].bias  # (V, G*H)
         table, have = gx.reshape(V, G, H), np.ones(V, np.bool_)
     elif V * G * H * 4 <= TABLE_ROWS_BYTES:  # rows on demand (dk.fill_rows); calloc'd pages until then
-        table, have, w_ih0 = np.zeros((V, G, H), F32), np.zeros(V, np.bool_), np.asarray(dirs[0].w_ih)
+        table, have, w_t = np.zeros((V, G, H), F32), np.zeros(V, np.bool_), fused.tokens_weights(dirs[0].w_ih)
     else:
         table, have = np.zeros((0, G, H), F32), np.zeros(0, np.bool_)
     proj = dirs[0].w_hr is not None
@@ -202,7 +209,7 @@ def _build_net(model) -> tuple:
     c = lambda a: np.ascontiguousarray(a, F32)  # noqa: E731
     return (CELL_CODES[cell], flags, np.concatenate(flat), np.array(offs, np.int64), np.array(isz, np.int64),
             c(bias), c(table), c(b_hn), c(w_hr), np.asarray(model.embedding), np.asarray(model.head_w),
-            np.array(head_b, F32), Hp if transposed else 0, c(head_t), have, c(w_ih0))
+            np.array(head_b, F32), Hp if transposed else 0, c(head_t), have, w_t)
 
 
 def _net(model, engine: str) -> tuple | None:

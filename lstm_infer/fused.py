@@ -27,7 +27,7 @@ from numba import njit, prange
 
 from .gang import finish, take, wait_all
 from .kernels import FAST, _clip, fsigmoid, ftanh
-from .simd import LANES, rows_gemm, rows_gemm2, small_rows
+from .simd import LANES, SMALL_ROWS, rows_gemm, rows_gemm2, small_rows
 
 _ZERO, _ONE = np.float32(0.0), np.float32(1.0)
 PANEL_MIN_BATCH = 9  # batches from this size take the panel layout
@@ -447,6 +447,62 @@ def project_rows(x, s, e, w_t, bias, out):
         ot = out[t]
         for g in range(G):
             ot[g] += bias[g]
+
+
+@njit(**FAST)
+def project_tokens(emb, w_t, bias, ids, rows, cols, have):
+    """Layer 0's input projection of the tokens v in ids not marked in have: rows[v] = emb[v] @ W_ih^T + bias,
+    cols[:, v] = rows[v] when cols is a (G, V) table ((0, 0): none), then have[v] = True. emb (V, E), w_t
+    (E, Gp) = tokens_weights(W_ih), bias (G,), ids (n,) int64, rows (V, G).
+
+    Every value is one FMA chain over E in order (simd.small_rows), however the rows group: the same float
+    whichever call fills a row first, so scoring and the decoder can share one table (decoding._build_net)
+    and a text scores the same before and after a generate. Rows go before their mark, so that a reader
+    who sees the mark finds the row."""
+    n = ids.shape[0]
+    fresh = False
+    for i in range(n):
+        fresh |= not have[ids[i]]
+    if not fresh:
+        return
+    E, Gp = w_t.shape
+    G = rows.shape[1]
+    x = np.empty((SMALL_ROWS, E), np.float32)
+    o = np.empty((SMALL_ROWS, 64), np.float32)
+    grp = np.empty(SMALL_ROWS, np.int64)
+    i = 0
+    while i < n:
+        m = 0
+        while i < n and m < SMALL_ROWS:
+            v = ids[i]
+            i += 1
+            if not have[v]:  # a token twice in ids may be computed twice: the same values
+                grp[m] = v
+                x[m] = emb[v]
+                m += 1
+        if m == 0:
+            break
+        for c0 in range(0, Gp, 64):
+            small_rows(m, x.ctypes.data, E, w_t.ctypes.data + c0 * 4, Gp, E, o.ctypes.data, 64)
+            for r in range(m):
+                rr, orow = rows[grp[r]], o[r]
+                for q in range(min(64, G - c0)):
+                    rr[c0 + q] = orow[q] + bias[c0 + q]
+        for r in range(m):
+            v = grp[r]
+            if cols.shape[0] > 0:
+                rv = rows[v]
+                for g in range(G):
+                    cols[g, v] = rv[g]
+            have[v] = True
+
+
+def tokens_weights(w_ih: np.ndarray) -> np.ndarray:
+    """W_ih (G, E) -> W_ih^T (E, Gp) with Gp = G rounded up to 64 (zero padding), for project_tokens."""
+    G, E = w_ih.shape
+    w_t = np.zeros((E, -(-G // 64) * 64), np.float32)
+    w_t[:, :G] = w_ih.T
+    return w_t
 
 
 def layout(B: int, H: int) -> tuple[bool, int]:

@@ -103,7 +103,7 @@ class Model:
         tok = config["tokenizer"]
         self.tokenizer = Tokenizer.from_config(tok, vocab) if tok is not None else None
         self._uniform = len({(ly.cell, ly.out, ly.hidden) for ly in self.layers}) == 1
-        self._table: tuple | None = None  # layer 0's input projection per token (recurrent.token_table)
+        self._table = None  # layer 0's input projection per token (_token_table)
         self._eager = not jit and eager.fits(self.layers)  # target_log_probs in NumPy (one-shot short jobs)
 
     # ------------------------------------------------------------------ helpers
@@ -203,14 +203,19 @@ class Model:
     def _forward_ids(self, ids: np.ndarray, state: State | None, lengths: Any,
                      fm_last: bool = False) -> tuple[np.ndarray, list]:
         """_forward from token ids: through the layer-0 token table where there is one."""
+        table = self._token_table()
+        if table is not None:
+            table.fill(ids, self.workers)
+            return self._forward(None, state, lengths, ids, fm_last)
+        return self._forward(self._embed(ids), state, lengths, fm_last=fm_last)
+
+    def _token_table(self):
+        """Layer 0's recurrent.TokenTable, made empty on first use; None where it does not fit (table_fits)."""
         from . import recurrent
 
         if self._table is None and recurrent.table_fits(self.layers, self.vocab_size):
-            self._table = recurrent.token_table(self.layers[0], self.vocab_size)
-        if self._table is not None:
-            recurrent.fill_table(self._table, self.layers[0], self.embedding, ids)
-            return self._forward(None, state, lengths, ids, fm_last)
-        return self._forward(self._embed(ids), state, lengths, fm_last=fm_last)
+            self._table = recurrent.token_table(self.layers[0], self.vocab_size, self.embedding)
+        return self._table
 
     def _embed(self, ids: np.ndarray) -> np.ndarray:
         return np.take(self.embedding, ids, axis=0)

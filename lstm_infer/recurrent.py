@@ -9,6 +9,7 @@ pass ends on each row's last valid state and a reverse pass starts at each row's
 from __future__ import annotations
 
 import functools
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -42,7 +43,7 @@ def run_lstm_t(ly: Layer, dw: Direction, x: np.ndarray | None, h: np.ndarray, c:
     The input projection runs a chunk of steps at a time, as one GEMM whose output gather_steps lays out
     step-major (n, 4H, B) with the bias added: memory stays bounded and each step's block is fresh in cache.
     A layer with a projection (w_hr) takes the per-step BLAS path, run_lstm_proj. With ``tokens``
-    = (ids (T, B), token_table(...)) the projection is copied from the token table and x is unused.
+    = (ids (T, B), a filled TokenTable) the projection is copied from the token table and x is unused.
 
     Panel layout only (fused.layout): with ``fm_in`` x is the previous layer's output feature-major,
     (T, I, N), and each step computes W_ih x_t in the same register tiles as W_hh h (simd.rows_gemm2):
@@ -94,15 +95,15 @@ def run_lstm_t(ly: Layer, dw: Direction, x: np.ndarray | None, h: np.ndarray, c:
             # (fused.py). Not for the dot layout: a batch-1 step's rows are single floats strewn over the
             # table, which the parallel gather beforehand fetches faster (measured: 16.3 vs 15.8 ms per
             # 512 steps of the bundled model).
-            ids, (table, columns, _, _) = tokens[0][t0:t1], tokens[1]
-            args = (gxs[:1], *common, table, columns, ids)
+            ids, tab = tokens[0][t0:t1], tokens[1]
+            args = (gxs[:1], *common, tab.rows if tab.cols is None else tab.cols, tab.cols is not None, ids)
         else:
             if tokens is not None:
-                ids, (table, columns, rows, _) = tokens[0][t0:t1], tokens[1]
-                if columns and panel:
-                    kernels.gather_table_columns(table, ids, gxs[:n])
+                ids, tab = tokens[0][t0:t1], tokens[1]
+                if tab.cols is not None and panel:
+                    kernels.gather_table_columns(tab.cols, ids, gxs[:n])
                 else:
-                    kernels.gather_table(rows, ids, gxs[:n])
+                    kernels.gather_table(tab.rows, ids, gxs[:n])
             else:
                 _input_projection(dw, x[t0:t1], gxs[:n], wk, copies)
             args = (gxs[:n], *common, no_table, False, no_ids)
@@ -140,34 +141,41 @@ def table_fits(layers: list[Layer], vocab: int | None) -> bool:
     return vocab is not None and plain_lstm(layers[0]) and vocab * 4 * layers[0].hidden * 4 <= TABLE_BYTES
 
 
-def token_table(ly: Layer, vocab: int) -> tuple[np.ndarray, bool, np.ndarray, np.ndarray]:
-    """An empty table of layer 0's input projection per token, W_ih emb[v] + bias: (table, columns, rows,
-    have). ``rows`` is (V, 4H); ``table`` is the same array, or for vocabularies of at most TABLE_COLUMNS_V
-    tokens (columns True) a (4H, V) transpose, which the panel layout gathers from (see
-    kernels.gather_table_columns). Batches of a few rows (the dot layout) copy whole rows: a batch-1 step's
-    4H values from the (4H, V) table are 4H cache lines (bundled model, stream: 2.2 of 37 us per token).
-    fill_table computes the rows a batch needs, ``have`` (V,) marks them: the whole table costs what
-    projecting V tokens does (0.2 s for a 10k vocabulary), which a one-line score should not pay."""
+@dataclass
+class TokenTable:
+    """Layer 0's input projection per token, W_ih emb[v] + bias, its rows computed as tokens first come (fill):
+    the whole table costs what projecting V tokens does (0.2 s for a 10k vocabulary), which a one-line score
+    should not pay. ``rows`` (V, 4H), ``have`` (V,) marks the rows there; ``cols`` is, for vocabularies of at
+    most TABLE_COLUMNS_V tokens, a (4H, V) transpose that the panel layout gathers from (see
+    kernels.gather_table_columns), else None: batches of a few rows (the dot layout) copy whole rows, as a
+    batch-1 step's 4H values from the (4H, V) table are 4H cache lines (bundled model, stream: 2.2 of 37 us
+    per token). The compiled decoder shares rows and have (decoding._build_net)."""
+
+    rows: np.ndarray
+    cols: np.ndarray | None
+    have: np.ndarray
+    w_t: np.ndarray  # fused.tokens_weights(W_ih)
+    bias: np.ndarray
+    embedding: np.ndarray
+
+    def fill(self, ids: np.ndarray, wk: Workers) -> None:
+        """Compute the rows of the ids (any shape) not there yet (fused.project_tokens), split over ``wk``."""
+        if self.have[ids].all():  # the common case once the batch's tokens have been seen: no sort
+            return
+        new = np.unique(ids)
+        new = new[~self.have[new]]
+        cols = self.cols if self.cols is not None else np.empty((0, 0), F32)
+        wk.split(lambda s, e: fused.project_tokens(self.embedding, self.w_t, self.bias, new[s:e], self.rows, cols,
+                                                   self.have), new.size, 64)
+
+
+def token_table(ly: Layer, vocab: int, embedding: np.ndarray) -> TokenTable:
+    """An empty TokenTable for layer 0 ``ly`` (see table_fits)."""
     G = 4 * ly.hidden
-    rows = np.zeros((vocab, G), F32)
-    columns = vocab <= TABLE_COLUMNS_V
-    return (np.zeros((G, vocab), F32) if columns else rows), columns, rows, np.zeros(vocab, bool)
-
-
-def fill_table(tab: tuple, ly: Layer, embedding: np.ndarray, ids: np.ndarray) -> None:
-    """Compute the token_table rows of the ids (any shape) not there yet."""
-    table, columns, rows, have = tab
-    if have[ids].all():  # the common case once the batch's tokens have been seen: no sort
-        return
-    new = np.unique(ids)
-    new = new[~have[new]]
-    if new.size:
-        dw = ly.dirs[0]
-        r = np.matmul(np.take(embedding, new, axis=0), dw.w_ih.T) + dw.bias
-        rows[new] = r
-        if columns:
-            table[:, new] = r.T
-        have[new] = True  # after the rows: a concurrent call that sees the mark finds them written
+    dw = ly.dirs[0]
+    cols = np.zeros((G, vocab), F32) if vocab <= TABLE_COLUMNS_V else None
+    return TokenTable(np.zeros((vocab, G), F32), cols, np.zeros(vocab, bool), fused.tokens_weights(dw.w_ih),
+                      np.ascontiguousarray(dw.bias, F32), np.asarray(embedding))
 
 
 def _input_projection(dw: Direction, x: np.ndarray, gxs: np.ndarray, wk: Workers, copies: bool = False) -> None:
@@ -290,7 +298,7 @@ def run_stack(layers: list[Layer], x: np.ndarray | None, state: list, valid: np.
               tokens: tuple | None = None, fm_last: bool = False) -> np.ndarray:
     """x (T, B, I) through every layer; ``state`` (from zero_state) is updated in place; ``wk`` runs the GEMMs.
 
-    ``tokens`` = (ids (T, B), token_table(...)) stands in for x where layer 0 reads a token table (table_fits).
+    ``tokens`` = (ids (T, B), a filled TokenTable) stands in for x where layer 0 reads a token table (table_fits).
     Between two plain LSTM layers in the panel layout the output passes feature-major, (T, H, N), and the
     next layer folds its input projection into its steps (run_lstm_t's fm_in).
     Returns the last layer's output (T, B, D * P), or with ``fm_last`` (only where feature_major(layers[-1], B))

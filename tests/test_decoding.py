@@ -274,6 +274,31 @@ def test_compiled_equals_step_path(key, tmp_path, monkeypatch):
             assert_close([h.log_prob for h in fast], [h.log_prob for h in slow], atol=1e-5)
 
 
+@pytest.mark.parametrize("whole", [True, False])
+def test_decoder_shares_the_scoring_token_table(whole, tmp_path, monkeypatch):
+    """An LSTM's decoder reads scoring's token table (built whole, or rows filled on demand by the decoder's
+    steps) instead of a second copy, and a text scores the same floats whether scoring or a generate
+    filled its rows. A GRU keeps a table of its own."""
+    from lstm_infer import recurrent
+
+    monkeypatch.setattr(recurrent, "TABLE_COLUMNS_V", 0)  # rows only: the decoder may fill them itself
+    monkeypatch.setattr(decoding, "TABLE_BYTES", decoding.TABLE_BYTES if whole else 0)
+    ids = np.random.default_rng(3).integers(0, 13, (9, 2))
+    fresh = lm(tmp_path / "a", V=13)[0]
+    want, _ = fresh.target_log_probs(ids, ids)
+    model = lm(tmp_path / "b", V=13)[0]
+    out = model.generate("ca", max_new_tokens=12, min_new_tokens=12, engine="compiled")
+    net, tab = model._decode_net[0], model._table
+    assert np.shares_memory(net[6], tab.rows) and net[14] is tab.have
+    fed = {1} | set(out[0].ids[:-1])  # 'a' (the prompt's last token) and the new ones before the last
+    assert set(np.flatnonzero(tab.have)) == (set(range(13)) if whole else fed)
+    got, _ = model.target_log_probs(ids, ids)
+    np.testing.assert_array_equal(got, want)
+    gru = gru_lbr0(tmp_path / "g", V=13)
+    gru.generate("ca", max_new_tokens=3, engine="compiled")
+    assert gru._table is None and len(gru._decode_net[0][6]) == 13
+
+
 def test_fallback_model_matches_numpy_reference(tmp_path):
     """Peepholes are not in the compiled loops: Model.step decodes, checked against tests/naive.py."""
     rng = np.random.default_rng(8)

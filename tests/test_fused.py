@@ -273,17 +273,39 @@ def test_token_table_path_matches_torch(B, columns, H, tmp_path, monkeypatch):
         ref = torch.log_softmax(head(rnn(emb(torch.from_numpy(ids)))[0]), -1).numpy()
     ref = np.take_along_axis(ref, tgt[..., None], -1)[..., 0]
     first, _ = model.target_log_probs(ids[:, :1], tgt[:, :1])  # the table holds the rows of these tokens only
-    assert model._table is not None and model._table[1] == columns
-    assert set(np.flatnonzero(model._table[3])) == set(ids[:, 0])
+    assert model._table is not None and (model._table.cols is not None) == columns
+    assert set(np.flatnonzero(model._table.have)) == set(ids[:, 0])
     assert_close(first, ref[:, :1])
     lp, _ = model.target_log_probs(ids, tgt)  # the other tokens' rows join
-    assert set(np.flatnonzero(model._table[3])) == set(ids.ravel())
+    assert set(np.flatnonzero(model._table.have)) == set(ids.ravel())
     assert_close(lp, ref)
     monkeypatch.setattr(recurrent, "TABLE_BYTES", 0)
     plain = engine_from_torch(rnn.eval(), "lstm", tmp_path / "plain", embedding=emb, head=head, threads=2)
     lp2, _ = plain.target_log_probs(ids, tgt)
     assert plain._table is None
     assert_close(lp2, lp, atol=1e-6)
+
+
+def test_project_tokens():
+    """Token table rows = emb @ W_ih^T + bias in float64, for the new ids only (13 of them: groups of 6 and a
+    tail; one twice, one already there), the transposed copy too; the same floats however the rows group."""
+    V, E, G = 30, 7, 76  # G: one 64-column strip and a 12-column tail
+    emb, w_ih, bias = u(V, E), u(G, E), u(G)
+    w_t = fused.tokens_weights(w_ih)
+    assert w_t.shape == (E, 128) and not w_t[:, G:].any()
+    rows, cols, have = np.zeros((V, G), np.float32), np.zeros((G, V), np.float32), np.zeros(V, bool)
+    rows[4], have[4] = 9.0, True  # there already: left alone
+    ids = np.array([3, 4, 7, 3, 11, 12, 13, 14, 15, 16, 17, 18, 19, 20, 21], np.int64)
+    fused.project_tokens(emb, w_t, bias, ids, rows, cols, have)
+    new = sorted(set(ids) - {4})
+    assert set(np.flatnonzero(have)) == set(new) | {4}
+    assert_close(rows[new], emb[new].astype(np.float64) @ w_ih.T.astype(np.float64) + bias, atol=1e-6)
+    assert (rows[4] == 9.0).all() and not np.delete(rows, new + [4], axis=0).any()
+    np.testing.assert_array_equal(cols[:, new], rows[new].T)
+    one = np.zeros((V, G), np.float32)  # a row at a time, as the decoder fills them: bitwise the same
+    for v in new:
+        fused.project_tokens(emb, w_t, bias, np.array([v]), one, np.empty((0, 0), np.float32), np.zeros(V, bool))
+    np.testing.assert_array_equal(one[new], rows[new])
 
 
 @pytest.mark.parametrize("N,K,F", [(1, 8, 5), (70, 300, 33), (128, 9, 64)])
