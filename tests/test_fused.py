@@ -248,13 +248,13 @@ def test_gather_table():
         assert (out[:, :, 9:] == 7.0).all()  # padding columns untouched
 
 
-@pytest.mark.parametrize("B", [3, 20])
+@pytest.mark.parametrize("B", [1, 3, 20])
 @pytest.mark.parametrize("columns", [True, False])
 @pytest.mark.parametrize("H", [24, 128])
 def test_token_table_path_matches_torch(B, columns, H, tmp_path, monkeypatch):
-    """Scoring through layer 0's token table (dot and panel layouts, either table orientation) = PyTorch =
-    the embedding + GEMM path; the table computes the rows of the tokens it is asked for. H = 128: a gang
-    of 2 whose members gather their own units' rows."""
+    """Scoring through layer 0's token table (row, dot and panel layouts, either table orientation) = PyTorch
+    = the embedding + GEMM path; the table computes the rows of the tokens it is asked for. H = 128: a gang
+    of 2 whose members gather their own units' rows; B = 1: the row layout, on a gang of 1 and of 2."""
     torch = pytest.importorskip("torch")
     from tests.util import engine_from_torch, scramble
 
@@ -264,6 +264,9 @@ def test_token_table_path_matches_torch(B, columns, H, tmp_path, monkeypatch):
     for m in (emb, rnn, head):
         scramble(m, 3, scale=0.8)
     monkeypatch.setattr(recurrent, "TABLE_COLUMNS_V", V if columns else V - 1)
+    monkeypatch.setattr(recurrent, "COPY_AFTER", 0)  # a batch of one takes the row layout at once,
+    if B == 1:  # on a gang even for these few steps
+        monkeypatch.setattr(fused, "members", lambda threads, n, B, H, panel: threads)
     model = engine_from_torch(rnn.eval(), "lstm", tmp_path, embedding=emb, head=head, threads=2)
     # H = 128: chunks long enough for a gang (fused.members), short enough that this chaotic (scrambled)
     # model's float32 rounding does not grow past the tolerance
