@@ -185,9 +185,10 @@ class Model:
             return np.stack(hs), (np.stack(cs) if cs is not None else None)
         return hs, cs
 
-    def _forward(self, x: np.ndarray | None, state: State | None, lengths: Any,
-                 ids: np.ndarray | None = None, fm_last: bool = False) -> tuple[np.ndarray, list]:
-        """x (T, B, I), or ids (T, B) with x None when layer 0 reads the token table; see run_stack's fm_last."""
+    def _forward(self, x: np.ndarray | None, state: State | None, lengths: Any, ids: np.ndarray | None = None,
+                 fm_last: bool = False, keep: bool = True) -> tuple[np.ndarray, list]:
+        """x (T, B, I), or ids (T, B) with x None when layer 0 reads the token table; see run_stack's fm_last,
+        and its keep_last for ``keep``."""
         from . import recurrent
 
         T, B = (x if x is not None else ids).shape[:2]
@@ -197,17 +198,17 @@ class Model:
             return np.zeros((T, B, self.layers[-1].output_size), F32), st
         with self._threads():
             tokens = None if x is not None else (ids, self._table)
-            out = recurrent.run_stack(self.layers, x, st, valid, self.workers, tokens, fm_last)
+            out = recurrent.run_stack(self.layers, x, st, valid, self.workers, tokens, fm_last, keep)
         return out, st
 
-    def _forward_ids(self, ids: np.ndarray, state: State | None, lengths: Any,
-                     fm_last: bool = False) -> tuple[np.ndarray, list]:
+    def _forward_ids(self, ids: np.ndarray, state: State | None, lengths: Any, fm_last: bool = False,
+                     keep: bool = True) -> tuple[np.ndarray, list]:
         """_forward from token ids: through the layer-0 token table where there is one."""
         table = self._token_table()
         if table is not None:
             table.fill(ids, self.workers)
-            return self._forward(None, state, lengths, ids, fm_last)
-        return self._forward(self._embed(ids), state, lengths, fm_last=fm_last)
+            return self._forward(None, state, lengths, ids, fm_last, keep)
+        return self._forward(self._embed(ids), state, lengths, fm_last=fm_last, keep=keep)
 
     def _token_table(self):
         """Layer 0's recurrent.TokenTable, made empty on first use; None where it does not fit (table_fits)."""
@@ -307,7 +308,7 @@ class Model:
         T, B = ids.shape
         # A small head reads the last layer's output feature-major, as its GEMM wants it (head.py)
         fm = T * B > 0 and recurrent.feature_major(self.layers[-1], B) and head.fm_fits(self.head_w, T)
-        feats, st = self._forward_ids(ids, state, lengths, fm)
+        feats, st = self._forward_ids(ids, state, lengths, fm, keep=False)  # the head consumes it here
         with self._threads():
             if fm:
                 return head.target_log_probs_fm(feats, B, self.head_w, self.head_b, tg), st

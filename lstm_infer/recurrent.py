@@ -37,7 +37,7 @@ TABLE_COLUMNS_V = 2048  # up to this vocabulary a row of the (4H, V) table (8 KB
 
 def run_lstm_t(ly: Layer, dw: Direction, x: np.ndarray | None, h: np.ndarray, c: np.ndarray,
                valid: np.ndarray, wk: Workers, tokens: tuple | None = None, fm_in: bool = False,
-               fm_out: bool = False) -> np.ndarray:
+               fm_out: bool = False, scratch: str | None = None) -> np.ndarray:
     """run_direction for a standard LSTM: fused steps (fused.py) on a step-major input projection.
 
     The input projection runs a chunk of steps at a time, as one GEMM whose output gather_steps lays out
@@ -48,7 +48,9 @@ def run_lstm_t(ly: Layer, dw: Direction, x: np.ndarray | None, h: np.ndarray, c:
     Panel layout only (fused.layout): with ``fm_in`` x is the previous layer's output feature-major,
     (T, I, N), and each step computes W_ih x_t in the same register tiles as W_hh h (simd.rows_gemm2):
     no projection GEMM, no gx written out and read back. ``fm_out`` returns out feature-major, (T, H, N),
-    for such a next layer; otherwise out is (T, B, H).
+    for such a next layer; otherwise out is (T, B, H). With ``scratch`` out is wk's buffer of that name, for an
+    output that the caller consumes before the next call: a fresh array came as new pages, ~1,000 page
+    faults per char-model batch that cost this VM ~9 ms of 147 (a fault stops the whole gang at the step's end).
     """
     if dw.w_hr is not None:
         return run_lstm_proj(ly, dw, x, h, c, valid, wk)
@@ -64,15 +66,16 @@ def run_lstm_t(ly: Layer, dw: Direction, x: np.ndarray | None, h: np.ndarray, c:
     else:
         gxs = wk.buffer("gx", chunk, (4 * H, N))  # padding columns: zeros, or an earlier call's finite values
     if not panel:  # dot layout: h batch-major
-        hbuf = np.empty((2, B, H), F32)
+        hbuf = wk.buffer("hbuf", 2, (B, H))
         hbuf[0] = h
-    else:  # panel layout: h^T, padded
-        hbuf = np.zeros((2, H, N), F32)
+    else:  # panel layout: h^T, padded (padding columns: zeros, or finite values of an earlier call)
+        hbuf = wk.buffer("hbuf", 2, (H, N))
         hbuf[0, :, :B] = h.T
-    cT = np.zeros((H, N), F32)
+    cT = wk.buffer("c", 1, (H, N))[0]
     cT[:, :B] = c.T
     acc = wk.buffer("acc", 4, (H, N))
-    out = np.empty((T, H, N) if fm_out else (T, B, H), F32)
+    shape = (T, H, N) if fm_out else (T, B, H)
+    out = np.empty(shape, F32) if scratch is None else wk.buffer(scratch, T, shape[1:])
     steps = fused.lstm_steps_panel if panel else fused.lstm_steps_dot
     regions = fused.lstm_steps_panel_regions if panel else fused.lstm_steps_dot_regions
     peep = bool(dw.peep.any())
@@ -244,10 +247,10 @@ def run_lstm_proj(ly: Layer, dw: Direction, x: np.ndarray, h: np.ndarray, c: np.
 
 
 def run_direction(ly: Layer, dw: Direction, x: np.ndarray, h: np.ndarray, c: np.ndarray | None,
-                  valid: np.ndarray, wk: Workers) -> np.ndarray:
-    """x (T, B, I) -> out (T, B, P); h (B, P) and c (B, H) are updated in place."""
+                  valid: np.ndarray, wk: Workers, scratch: str | None = None) -> np.ndarray:
+    """x (T, B, I) -> out (T, B, P); h (B, P) and c (B, H) are updated in place; ``scratch`` as in run_lstm_t."""
     if ly.cell == "lstm" and dw.standard:
-        return run_lstm_t(ly, dw, x, h, c, valid, wk)
+        return run_lstm_t(ly, dw, x, h, c, valid, wk, scratch=scratch)
     T, B, _ = x.shape
     H, P, G = ly.hidden, ly.out, CELLS[ly.cell]
     gx = wk.matmul(x.reshape(T * B, -1), dw.w_ih.T).reshape(T, B, G * H)
@@ -295,14 +298,15 @@ def feature_major(ly: Layer, B: int) -> bool:
 
 
 def run_stack(layers: list[Layer], x: np.ndarray | None, state: list, valid: np.ndarray, wk: Workers,
-              tokens: tuple | None = None, fm_last: bool = False) -> np.ndarray:
+              tokens: tuple | None = None, fm_last: bool = False, keep_last: bool = True) -> np.ndarray:
     """x (T, B, I) through every layer; ``state`` (from zero_state) is updated in place; ``wk`` runs the GEMMs.
 
     ``tokens`` = (ids (T, B), a filled TokenTable) stands in for x where layer 0 reads a token table (table_fits).
     Between two plain LSTM layers in the panel layout the output passes feature-major, (T, H, N), and the
     next layer folds its input projection into its steps (run_lstm_t's fm_in).
     Returns the last layer's output (T, B, D * P), or with ``fm_last`` (only where feature_major(layers[-1], B))
-    (T, H, N) feature-major, padding columns b >= B finite.
+    (T, H, N) feature-major, padding columns b >= B finite. The layers between write into wk's scratch
+    buffers, and so does the last unless ``keep_last``: its output is then good until wk's next call.
     """
     B = valid.shape[1]
     fm = [feature_major(ly, B) for ly in layers]
@@ -313,14 +317,16 @@ def run_stack(layers: list[Layer], x: np.ndarray | None, state: list, valid: np.
     for li, ly in enumerate(layers):
         fm_out = fm[li] and (fm[li + 1] if li + 1 < len(layers) else fm_last)
         outs = []
-        for dw in ly.dirs:
+        for d, dw in enumerate(ly.dirs):
             h, c = state[k]
+            # alternate buffers: a layer reads the one before it while it writes
+            scratch = None if keep_last and li == len(layers) - 1 else f"layer{li % 2}.{d}"
             if li == 0 and tokens is not None:
-                outs.append(run_lstm_t(ly, dw, None, h, c, valid, wk, tokens, fm_out=fm_out))
+                outs.append(run_lstm_t(ly, dw, None, h, c, valid, wk, tokens, fm_out=fm_out, scratch=scratch))
             elif fm_in or fm_out:
-                outs.append(run_lstm_t(ly, dw, x, h, c, valid, wk, fm_in=fm_in, fm_out=fm_out))
+                outs.append(run_lstm_t(ly, dw, x, h, c, valid, wk, fm_in=fm_in, fm_out=fm_out, scratch=scratch))
             else:
-                outs.append(run_direction(ly, dw, x, h, c, valid, wk))
+                outs.append(run_direction(ly, dw, x, h, c, valid, wk, scratch))
             k += 1
         x = outs[0] if len(outs) == 1 else np.concatenate(outs, axis=2)
         fm_in = fm_out

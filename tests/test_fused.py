@@ -311,6 +311,34 @@ def test_project_tokens():
     np.testing.assert_array_equal(one[new], rows[new])
 
 
+def test_scratch_outputs_stay_inside_a_call(tmp_path):
+    """Scoring keeps the layers' outputs in reused buffers (run_stack's keep_last): what Model.run returned
+    stays as it was through later calls of either kind, and the same call twice gives the same numbers."""
+    torch = pytest.importorskip("torch")
+    from tests.util import engine_from_torch, scramble
+
+    torch.manual_seed(1)
+    V, E, H, B, T = 30, 6, 24, 12, 9  # B >= 9: the panel layout, outputs feature-major between layers;
+    # run() on 4 rows: the dot layout, every layer's output (T, 4, H), so that buffers would be reused
+    emb, rnn, head = torch.nn.Embedding(V, E), torch.nn.LSTM(E, H, 3), torch.nn.Linear(H, V)
+    for m in (emb, rnn, head):
+        scramble(m, 3, scale=0.5)
+    model = engine_from_torch(rnn.eval(), "lstm", tmp_path, embedding=emb, head=head, threads=2)
+    xs = [np.asarray(emb.weight.detach())[rng.integers(0, V, (T, 4))] for _ in range(2)]
+    ids, tgt = rng.integers(0, V, (T, B)), rng.integers(0, V, (T, B))
+    out, _ = model.run(xs[0])
+    kept = out.copy()
+    model.run(xs[1])
+    lp, _ = model.target_log_probs(ids, tgt)
+    lp2, _ = model.target_log_probs(ids[:, :10], tgt[:, :10])
+    np.testing.assert_array_equal(out, kept)
+    np.testing.assert_array_equal(lp2, model.target_log_probs(ids[:, :10], tgt[:, :10])[0])
+    np.testing.assert_array_equal(lp, model.target_log_probs(ids, tgt)[0])
+    with torch.no_grad():
+        ref = torch.log_softmax(head(rnn(emb(torch.from_numpy(ids)))[0]), -1).numpy()
+    assert_close(lp, np.take_along_axis(ref, tgt[..., None], -1)[..., 0])
+
+
 @pytest.mark.parametrize("N,K,F", [(1, 8, 5), (70, 300, 33), (128, 9, 64)])
 def test_target_log_probs_panel(N, K, F):
     """The head's panel kernel (tokens in tiles of 64, a ragged last tile) against a float64 log-softmax."""
