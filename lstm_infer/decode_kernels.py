@@ -588,6 +588,13 @@ def pick_rows(logits, lse, n, t, min_new, eos, stop, sample, temperature, top_k,
 
 
 @njit(**FAST)
+def _step_scratch(hbuf, cbuf, scratch, n, nblk):
+    """Scratch of a decoding loop over n rows: (acc for stack_step, bmax, bsum, lse for head_lse)."""
+    acc = np.empty((max(cbuf.shape[3], hbuf.shape[3], scratch.shape[2]), 2, 4, 5), F32)
+    return acc, np.empty((n, nblk), F32), np.empty((n, nblk), F32), np.empty(n)
+
+
+@njit(**FAST)
 def decode_rows(net, hbuf, cbuf, scratch, cur, tok, par, n, t0, steps, nblk, min_new, eos, stop,
                 sample, temperature, top_k, top_p, rng, done, out_ids, out_lp):
     """Greedy or sampled decoding of n rows for up to ``steps`` tokens starting at step t0.
@@ -598,10 +605,8 @@ def decode_rows(net, hbuf, cbuf, scratch, cur, tok, par, n, t0, steps, nblk, min
     head_w, head_b = net[10], net[11]
     K = head_w.shape[0]
     L = hbuf.shape[1]
-    acc = np.empty((max(cbuf.shape[3], hbuf.shape[3], scratch.shape[2]), 2, 4, 5), F32)
+    acc, bmax, bsum, lse = _step_scratch(hbuf, cbuf, scratch, n, nblk)
     logits = np.empty((n, K), F32)
-    bmax, bsum = np.empty((n, nblk), F32), np.empty((n, nblk), F32)
-    lse = np.empty(n)
     e, idx = np.empty(K, F32), np.empty(K, np.int64)
     ident = np.arange(n)
     t = t0
@@ -622,11 +627,9 @@ def decode_rows(net, hbuf, cbuf, scratch, cur, tok, par, n, t0, steps, nblk, min
 def step_log_probs(net, hbuf, cbuf, scratch, tok, n, nblk, out):
     """Model.step for rows b < n: token tok[b] on state row b of half 0 (the new state goes to half 1), then
     the next token's log-probabilities into out (R, K), float32 like the layers' path."""
-    acc = np.empty((max(cbuf.shape[3], hbuf.shape[3], scratch.shape[2]), 2, 4, 5), F32)
+    acc, bmax, bsum, lse = _step_scratch(hbuf, cbuf, scratch, n, nblk)
     ident = np.arange(n)
     stack_step(net, hbuf, cbuf, scratch, acc, 0, tok, ident, ident, n)
-    bmax, bsum = np.empty((n, nblk), F32), np.empty((n, nblk), F32)
-    lse = np.empty(n)
     head_lse(net[10], net[13], net[11], hbuf[1, hbuf.shape[1] - 1], ident, n, nblk, out, bmax, bsum, lse)
     for b in range(n):
         ob, s = out[b], F32(lse[b])
@@ -882,11 +885,10 @@ def beam_search(net, hbuf, cbuf, scratch, cur, tok0, beam, max_new, min_new, eos
     head_w, head_b = net[10], net[11]
     K = head_w.shape[0]
     L = hbuf.shape[1]
-    acc = np.empty((max(cbuf.shape[3], hbuf.shape[3], scratch.shape[2]), 2, 4, 5), F32)
+    acc, bmax, bsum, lse = _step_scratch(hbuf, cbuf, scratch, beam, nblk)
     ident = np.arange(beam)
     logits = np.empty((beam, K), F32)
-    bmax, bsum = np.empty((beam, nblk), F32), np.empty((beam, nblk), F32)
-    lse, live = np.empty(beam), np.zeros(beam)
+    live = np.zeros(beam)
     tok, par = np.zeros(beam, np.int64), np.zeros(beam, np.int64)
     tok[0] = tok0
     n = np.int64(1)  # not a literal: one compiled stack_step serves both loops
