@@ -5,7 +5,7 @@ Python runs per token. The pickers and the beam update are plain @njit functions
 ``Model._step_layers`` fallback in decoding.py calls too, so both paths choose tokens by the same code.
 
 ``net`` (built once per Model by decoding.py) is a tuple
-``(cell, flags, w, woff, isz, bias, table, b_hn, w_hr, emb, head_w, head_b, Hp, head_t)``:
+``(cell, flags, w, woff, isz, bias, table, b_hn, w_hr, emb, head_w, head_b, Hp, head_t, have, w_t)``:
 
     cell   int         0 lstm, 1 gru, 2 rnn; every layer the same cell, H and P
     flags  (L, 2)      int64 per layer: linear_before_reset, activation code (rnn: 1 tanh, 2 relu)

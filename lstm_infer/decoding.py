@@ -9,9 +9,10 @@ compiled network too where it covers the model (``step`` below).
 
 The compiled path re-lays the recurrent weights once per Model (W_ih and W_hh side by side,
 interleaved per hidden unit, see decode_kernels) and caches that copy on the Model: extra memory equal
-to the recurrent weights, plus layer 0's input projection of every token (V x G*H floats) when that is
-at most TABLE_BYTES (a limit of its own: recurrent.TABLE_BYTES is the scoring path's table), and the head in
-panels of 64 tokens when that copy is at most TABLE_BYTES; the embedding is used in place.
+to the recurrent weights, and the head in panels of 64 tokens when that copy is at most TABLE_BYTES; the
+embedding is used in place. Layer 0 reads its input projection of every token (V x G*H floats) from a
+table: an LSTM's is the scoring path's own (recurrent.TokenTable), any other cell's one of the decoder's;
+filled whole when it takes at most TABLE_BYTES, a row per new token up to TABLE_ROWS_BYTES, none above.
 """
 
 from __future__ import annotations
@@ -155,7 +156,8 @@ def _not_compiled(model) -> str | None:
 
 def _build_net(model) -> tuple:
     """The ``net`` tuple of decode_kernels: recurrent weights per layer in one flat copy, and layer 0's input
-    projection of every token when that table fits TABLE_BYTES."""
+    projection of every token: whole up to TABLE_BYTES (or when the scoring table has its transpose, which
+    only TokenTable.fill keeps up to date), filled on demand up to TABLE_ROWS_BYTES."""
     layers = model.layers
     cell = layers[0].cell
     G, H, P = CELLS[cell], layers[0].hidden, layers[0].out
@@ -168,7 +170,7 @@ def _build_net(model) -> tuple:
         if V * G * H * 4 <= TABLE_BYTES or shared.cols is not None:  # cols: only TokenTable.fill writes them
             shared.fill(np.arange(V), model.workers)
         else:
-            w_t = shared.w_t
+            w_t = shared.weights()
         table, have = shared.rows.reshape(V, G, H), shared.have
     elif V * G * H * 4 <= TABLE_BYTES:
         gx = np.matmul(np.asarray(model.embedding), np.asarray(dirs[0].w_ih).T) + dirs[0].bias  # (V, G*H)

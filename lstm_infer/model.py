@@ -104,6 +104,7 @@ class Model:
         self.tokenizer = Tokenizer.from_config(tok, vocab) if tok is not None else None
         self._uniform = len({(ly.cell, ly.out, ly.hidden) for ly in self.layers}) == 1
         self._table = None  # layer 0's input projection per token (_token_table)
+        self._table_lock = threading.Lock()
         self._eager = not jit and eager.fits(self.layers)  # target_log_probs in NumPy (one-shot short jobs)
 
     # ------------------------------------------------------------------ helpers
@@ -186,9 +187,9 @@ class Model:
         return hs, cs
 
     def _forward(self, x: np.ndarray | None, state: State | None, lengths: Any, ids: np.ndarray | None = None,
-                 fm_last: bool = False, keep: bool = True) -> tuple[np.ndarray, list]:
-        """x (T, B, I), or ids (T, B) with x None when layer 0 reads the token table; see run_stack's fm_last,
-        and its keep_last for ``keep``."""
+                 fm_last: bool = False, keep: bool = True, table=None) -> tuple[np.ndarray, list]:
+        """x (T, B, I), or ids (T, B) with x None when layer 0 reads ``table`` (filled for them); see run_stack's
+        fm_last, and its keep_last for ``keep``."""
         from . import recurrent
 
         T, B = (x if x is not None else ids).shape[:2]
@@ -197,7 +198,7 @@ class Model:
         if T == 0 or B == 0:  # nothing to run; the kernels' reshape(-1) cannot size an empty batch
             return np.zeros((T, B, self.layers[-1].output_size), F32), st
         with self._threads():
-            tokens = None if x is not None else (ids, self._table)
+            tokens = None if x is not None else (ids, table)
             out = recurrent.run_stack(self.layers, x, st, valid, self.workers, tokens, fm_last, keep)
         return out, st
 
@@ -207,15 +208,16 @@ class Model:
         table = self._token_table()
         if table is not None:
             table.fill(ids, self.workers)
-            return self._forward(None, state, lengths, ids, fm_last, keep)
+            return self._forward(None, state, lengths, ids, fm_last, keep, table)
         return self._forward(self._embed(ids), state, lengths, fm_last=fm_last, keep=keep)
 
     def _token_table(self):
         """Layer 0's recurrent.TokenTable, made empty on first use; None where it does not fit (table_fits)."""
         from . import recurrent
 
-        if self._table is None and recurrent.table_fits(self.layers, self.vocab_size):
-            self._table = recurrent.token_table(self.layers[0], self.vocab_size, self.embedding)
+        with self._table_lock:  # one table, whichever of scoring, step and generate comes first
+            if self._table is None and recurrent.table_fits(self.layers, self.vocab_size):
+                self._table = recurrent.token_table(self.layers[0], self.vocab_size, self.embedding)
         return self._table
 
     def _embed(self, ids: np.ndarray) -> np.ndarray:
@@ -265,8 +267,9 @@ class Model:
 
         Runs on the compiled decoder's network where it covers the model, otherwise through the layers like
         log_probs. The first call builds that network as the first generate does: a copy of the recurrent
-        weights, layer 0's projection of every token and the head in panels (each up to
-        decoding.TABLE_BYTES)."""
+        weights, the head in panels (up to decoding.TABLE_BYTES), and layer 0's projection of every token
+        (an LSTM's: the scoring path's token table, filled whole up to decoding.TABLE_BYTES, else a row per
+        new token)."""
         from . import decoding
 
         self._require_lm("step")

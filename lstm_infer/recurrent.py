@@ -28,7 +28,7 @@ PROJECT_MIN_ROWS = 32  # a batch-1 chunk's projection takes fused.project_rows f
 COPY_AFTER = 512
 # Layer 0's input projection of every token, W_ih emb[v] + bias, replaces a GEMM per batch by a row copy
 # per token (10 KB for the benchmark's medium model, against 3.4 MFLOP). Allowed up to this size, its rows
-# filled as tokens come (fill_table): the 1500-unit model's 240 MB table took its B32xT128 batch from
+# filled as tokens come (TokenTable.fill): the 1500-unit model's 240 MB table took its B32xT128 batch from
 # 1,987-2,047 to 2,151-2,173 tok/s (2 threads, three processes, each alternating both), as its input GEMM
 # (650 -> 6000) was ~9% of the batch.
 TABLE_BYTES = 256 << 20
@@ -48,9 +48,10 @@ def run_lstm_t(ly: Layer, dw: Direction, x: np.ndarray | None, h: np.ndarray, c:
     Panel layout only (fused.layout): with ``fm_in`` x is the previous layer's output feature-major,
     (T, I, N), and each step computes W_ih x_t in the same register tiles as W_hh h (simd.rows_gemm2):
     no projection GEMM, no gx written out and read back. ``fm_out`` returns out feature-major, (T, H, N),
-    for such a next layer; otherwise out is (T, B, H). With ``scratch`` out is wk's buffer of that name, for an
-    output that the caller consumes before the next call: a fresh array came as new pages, ~1,000 page
-    faults per char-model batch that cost this VM ~9 ms of 147 (a fault stops the whole gang at the step's end).
+    for such a next layer; otherwise out is (T, B, H). With ``scratch`` out is wk.scratch of that name (up to
+    SCRATCH_BYTES), for an output that the caller consumes before the next call: a fresh array came as new
+    pages, ~1,000 page faults per char-model batch that cost this VM ~9 ms of 147 (a fault stops the whole
+    gang at the step's end).
     """
     if dw.w_hr is not None:
         return run_lstm_proj(ly, dw, x, h, c, valid, wk)
@@ -68,14 +69,18 @@ def run_lstm_t(ly: Layer, dw: Direction, x: np.ndarray | None, h: np.ndarray, c:
     if not panel:  # dot layout: h batch-major
         hbuf = wk.buffer("hbuf", 2, (B, H))
         hbuf[0] = h
-    else:  # panel layout: h^T, padded (padding columns: zeros, or finite values of an earlier call)
+    else:  # panel layout: h^T, padded
         hbuf = wk.buffer("hbuf", 2, (H, N))
         hbuf[0, :, :B] = h.T
+        hbuf[0, :, B:] = 0.0
     cT = wk.buffer("c", 1, (H, N))[0]
     cT[:, :B] = c.T
+    cT[:, B:] = 0.0
     acc = wk.buffer("acc", 4, (H, N))
     shape = (T, H, N) if fm_out else (T, B, H)
-    out = np.empty(shape, F32) if scratch is None else wk.buffer(scratch, T, shape[1:])
+    out = None if scratch is None else wk.scratch(scratch, shape)
+    if out is None:
+        out = np.empty(shape, F32)
     steps = fused.lstm_steps_panel if panel else fused.lstm_steps_dot
     regions = fused.lstm_steps_panel_regions if panel else fused.lstm_steps_dot_regions
     peep = bool(dw.peep.any())
@@ -157,9 +162,17 @@ class TokenTable:
     rows: np.ndarray
     cols: np.ndarray | None
     have: np.ndarray
-    w_t: np.ndarray  # fused.tokens_weights(W_ih)
+    w_ih: np.ndarray
     bias: np.ndarray
     embedding: np.ndarray
+    w_t: np.ndarray | None = None  # fused.tokens_weights(w_ih) while rows are missing (weights())
+
+    def weights(self) -> np.ndarray:
+        """W_ih^T padded for fused.project_tokens, made on first use (36 MB for a 6000 x 1500 W_ih)."""
+        w_t = self.w_t
+        if w_t is None:
+            w_t = self.w_t = fused.tokens_weights(self.w_ih)
+        return w_t
 
     def fill(self, ids: np.ndarray, wk: Workers) -> None:
         """Compute the rows of the ids (any shape) not there yet (fused.project_tokens), split over ``wk``."""
@@ -168,8 +181,11 @@ class TokenTable:
         new = np.unique(ids)
         new = new[~self.have[new]]
         cols = self.cols if self.cols is not None else np.empty((0, 0), F32)
-        wk.split(lambda s, e: fused.project_tokens(self.embedding, self.w_t, self.bias, new[s:e], self.rows, cols,
+        w_t = self.weights()
+        wk.split(lambda s, e: fused.project_tokens(self.embedding, w_t, self.bias, new[s:e], self.rows, cols,
                                                    self.have), new.size, 64)
+        if self.have.all():  # a whole table needs its weights no more
+            self.w_t = None
 
 
 def token_table(ly: Layer, vocab: int, embedding: np.ndarray) -> TokenTable:
@@ -177,7 +193,7 @@ def token_table(ly: Layer, vocab: int, embedding: np.ndarray) -> TokenTable:
     G = 4 * ly.hidden
     dw = ly.dirs[0]
     cols = np.zeros((G, vocab), F32) if vocab <= TABLE_COLUMNS_V else None
-    return TokenTable(np.zeros((vocab, G), F32), cols, np.zeros(vocab, bool), fused.tokens_weights(dw.w_ih),
+    return TokenTable(np.zeros((vocab, G), F32), cols, np.zeros(vocab, bool), dw.w_ih,
                       np.ascontiguousarray(dw.bias, F32), np.asarray(embedding))
 
 

@@ -20,6 +20,7 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 
 MIN_FLOPS = 4e6  # below this a product runs on the calling thread: a hand-off costs ~20-50 us
+SCRATCH_BYTES = 64 << 20  # Workers.scratch: the most one name keeps per thread
 
 
 def _libc_getcpu() -> Callable[[], int] | None:
@@ -94,6 +95,20 @@ class Workers:
         if buf is None or buf.shape[1:] != shape or buf.shape[0] < rows:
             buf = bufs[name] = np.zeros((rows, *shape), np.float32)
         return buf[:rows]
+
+    def scratch(self, name: str, shape: tuple[int, ...]) -> np.ndarray | None:
+        """A float32 array of ``shape`` over storage kept per calling thread under ``name`` (grown, never
+        shrunk, whatever the shape), for an output its caller consumes before the next call; None when it
+        would pass SCRATCH_BYTES, so that one huge call does not leave its size held. Contents: whatever an
+        earlier call wrote, or zeros."""
+        n = int(np.prod(shape))
+        if 4 * n > SCRATCH_BYTES:
+            return None
+        bufs = self._local.__dict__.setdefault("flat", {})
+        buf = bufs.get(name)
+        if buf is None or buf.size < n:
+            buf = bufs[name] = np.zeros(n, np.float32)
+        return buf[:n].reshape(shape)
 
     def split(self, fn: Callable[[int, int], None], n: int, min_rows: int = 1) -> None:
         """fn(s, e) over contiguous parts of range(n), at most one per thread and each >= min_rows long."""

@@ -255,12 +255,15 @@ def test_compiled_equals_step_path(key, tmp_path, monkeypatch):
             dict(method="beam", beam_size=5, num_hypotheses=2), dict(method="beam", beam_size=9, num_hypotheses=2),
             dict(method="sample", num_hypotheses=5, seed=7, top_k=6, temperature=0.8)]
     budget = decoding.TABLE_BYTES
+    from lstm_infer import recurrent
+
+    monkeypatch.setattr(recurrent, "TABLE_COLUMNS_V", 0)  # an LSTM's shared table without its transpose
     for kw in runs:
         slow = model.generate("ca", max_new_tokens=10, min_new_tokens=1, engine="step", **kw)
         for table in ("whole", "rows", None):  # built whole, filled on demand (dk.fill_rows), none
             monkeypatch.setattr(decoding, "TABLE_BYTES", budget if table == "whole" else 0)
             monkeypatch.setattr(decoding, "TABLE_ROWS_BYTES", budget if table == "rows" else 0)
-            model._decode_net = None  # rebuild the compiled network under this setting
+            model._decode_net = model._table = None  # rebuild the compiled network and an empty token table
             fast = model.generate("ca", max_new_tokens=10, min_new_tokens=1, engine="compiled", **kw)
             net = model._decode_net[0]
             assert len(net[6]) == (13 if table else 0)
@@ -463,6 +466,9 @@ def test_gang_decoder_equals_step_path(threads, tmp_path, monkeypatch):
     emb, rnn, head = lm_modules("lstm", 5, V=13, E=6, H=20, num_layers=2)
     model = engine_from_torch(rnn, "lstm", tmp_path, embedding=emb, head=head, vocab=vocab_of(13),
                               tokenizer=CHAR_TOK, threads=threads)
+    from lstm_infer import recurrent
+
+    monkeypatch.setattr(recurrent, "TABLE_COLUMNS_V", 0)  # the shared token table without its transpose
     calls = []
     for name in ("decode_rows_gang", "beam_search_gang"):
         real = getattr(dk, name)
@@ -477,7 +483,7 @@ def test_gang_decoder_equals_step_path(threads, tmp_path, monkeypatch):
             # without the whole table (13 x 80 floats) but with the head's panels (13 x 20)
             monkeypatch.setattr(decoding, "TABLE_BYTES", budget if table == "whole" else 13 * 40 * 4)
             monkeypatch.setattr(decoding, "TABLE_ROWS_BYTES", budget if table == "rows" else 0)
-            model._decode_net = None
+            model._decode_net = model._table = None  # an empty token table: the gang fills its rows
             calls.clear()
             fast = model.generate("ab", max_new_tokens=20, engine="compiled", **kw)
             assert len(model._decode_net[0][6]) == (13 if table else 0) and len(model._decode_net[0][13])

@@ -254,7 +254,7 @@ def test_gather_table():
 def test_token_table_path_matches_torch(B, columns, H, tmp_path, monkeypatch):
     """Scoring through layer 0's token table (row, dot and panel layouts, either table orientation) = PyTorch
     = the embedding + GEMM path; the table computes the rows of the tokens it is asked for. H = 128: a gang
-    of 2 whose members gather their own units' rows; B = 1: the row layout, on a gang of 1 and of 2."""
+    of 2 whose members gather their own units' rows; B = 1: the row layout, on a gang of 2 (CASES has a gang of 1)."""
     torch = pytest.importorskip("torch")
     from tests.util import engine_from_torch, scramble
 
