@@ -117,6 +117,12 @@ def agree_rows(res: dict) -> list[list[str]]:
     return rows
 
 
+def _reps(res: dict) -> str:
+    """'1-40' style range of the repetitions per timed run, over every figure of the run."""
+    r = [t.get("reps", 1) for t in res["timings"]]
+    return f"{min(r)}-{max(r)}" if r and min(r) != max(r) else str(r[0] if r else 1)
+
+
 def _table(cols: list[str], rows: list[list[str]]) -> str:
     lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     lines += ["| " + " | ".join(r) + " |" for r in rows]
@@ -155,7 +161,10 @@ def markdown(res: dict) -> str:
         f"- Copy bandwidth (np.copyto {res['copy']['mbytes']} MB, read + write, 1 thread): "
         f"{res['copy']['gbs_best']:.1f} GB/s",
         f"- Medians of {st['runs']} runs after {st['warmup']} warm-up run(s); engines interleaved round by round, "
-        "each in its own process with OMP/MKL/OpenBLAS/Numba threads set to the thread count.",
+        "each in its own process with OMP/MKL/OpenBLAS/Numba threads set to the thread count"
+        + (f"; a run repeats the regime back to back until it lasts about {st['min_run_s']} s and counts the mean "
+           f"(repetitions per run, sized by one run after the warm-up: {_reps(res)})." if st.get("min_run_s")
+           else "."),
         "",
         "## Speed",
         "",

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import shlex
 import subprocess
@@ -43,6 +44,10 @@ import report  # noqa: E402
 WORKER = HERE / "worker.py"
 THREAD_VARS = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS", "NUMBA_NUM_THREADS",
                "VECLIB_MAXIMUM_THREADS", "NUMEXPR_NUM_THREADS")
+MIN_RUN_S = 0.25  # a timed run repeats a regime back to back until it lasts about this long (reps from the
+# warm-up): single runs of the fastest figures (a 60 ms bundled-model batch, a 4.5 ms beam search) read
+# 48-73k tok/s for lstm-infer in one run while OpenVINO read 76k five times; a wake-up or a scheduling hiccup
+# then weighs on one run instead of deciding it
 GAP_S = 0.2  # pause between timed runs, so that the previous engine's spinning threads have gone to sleep:
 # ONNX Runtime's keep a core busy for 40-50 ms after a run (measured: 0.04 CPU-s in the first 50 ms), and with
 # a 50 ms gap lstm-infer's char-model stream run after ORT's measured 10.6k tok/s against 12.8-13.2k alone or
@@ -125,13 +130,14 @@ def measure(res: dict, name: str, info: dict, folder: Path, mdir: Path, threads:
         workers.append(w)
     times: dict[tuple[str, str], list[float]] = {}
     dead: set[tuple[str, str]] = set()  # (engine, regime) that failed once: not run again
+    reps: dict[tuple[str, str], int] = {}  # runs per timed call, from a sizing run after the warm-up
 
     def timed(w: Worker, regime: str) -> float | None:
         if (w.engine, regime) in dead:
             return None
         try:
             time.sleep(GAP_S)
-            return w.call(cmd="run", regime=regime)["seconds"]
+            return w.call(cmd="run", regime=regime, reps=reps.get((w.engine, regime), 1))["seconds"]
         except RuntimeError as err:
             log(f"  {w.engine} {regime}: {err}")
             res["failures"].append({"model": name, "threads": threads, "engine": w.engine,
@@ -143,6 +149,10 @@ def measure(res: dict, name: str, info: dict, folder: Path, mdir: Path, threads:
         for w in workers:
             for _ in range(args.warmup):
                 timed(w, regime)
+            # one more, untimed, to size the runs: a first run can include loading or compiling kernels
+            s = timed(w, regime) if args.min_run_s > 0 else None
+            if s:
+                reps[(w.engine, regime)] = max(1, min(100, math.ceil(args.min_run_s / s)))
     for rnd in range(args.runs):
         order = workers[rnd % len(workers):] + workers[: rnd % len(workers)] if workers else []
         for regime in regimes:
@@ -166,7 +176,8 @@ def measure(res: dict, name: str, info: dict, folder: Path, mdir: Path, threads:
         med = float(np.median(secs))
         value = report.figure(regime, regimes[regime], med)
         res["timings"].append({"model": name, "regime": regime, "threads": threads, "engine": engine,
-                               "seconds": secs, "median_s": med, "value": value})
+                               "seconds": secs, "median_s": med, "value": value,
+                               "reps": reps.get((engine, regime), 1)})
         log(f"  {name} {regime} {threads}t {engine}: {value:,.3f}")
     res["agreement"] += agreement(name, threads, outputs)
 
@@ -281,6 +292,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--threads", default=None, help="comma list (default: 1, 2 and all cores)")
     ap.add_argument("--runs", type=int, default=None, help="timed runs per figure (default 5, quick 3)")
     ap.add_argument("--warmup", type=int, default=1)
+    ap.add_argument("--min-run-s", type=float, default=MIN_RUN_S,
+                    help=f"a timed run repeats its regime until about this long (default {MIN_RUN_S}; 0: once)")
     ap.add_argument("--greedy-tokens", type=int, default=None, help="default 200, quick 100")
     ap.add_argument("--beam-steps", type=int, default=None, help="default 50, quick 20")
     ap.add_argument("--sgemm-size", type=int, default=None, help="default 4096, quick 2048")
@@ -330,7 +343,7 @@ def main(argv: list[str] | None = None) -> int:
     regimes = {"batched": {"B": 32, "T": 128, "seed": 1234}, "stream": {"B": 1, "T": 512, "seed": 4321},
                "greedy": {"tokens": args.greedy_tokens}, "beam": {"beam": 5, "steps": args.beam_steps}}
     res["settings"] = {"runs": args.runs, "warmup": args.warmup, "threads": args.threads, "engines": args.engines,
-                       "regimes": regimes}
+                       "regimes": regimes, "min_run_s": args.min_run_s}
 
     log("measuring sgemm peak and copy bandwidth")
     res["sgemm"] = {str(t): machine.sgemm_peak(t, args.sgemm_size) for t in args.threads}

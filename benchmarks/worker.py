@@ -5,7 +5,8 @@
 The worker answers one JSON line per request line on its stdout (everything the libraries print goes to
 stderr instead):
 
-    {"cmd": "run", "regime": "batched"}   -> {"seconds": 0.41}   one timed run on the fixed inputs
+    {"cmd": "run", "regime": "batched", "reps": 3}   -> {"seconds": 0.41}   ``reps`` (default 1) back-to-back
+                                          runs on the fixed inputs, timed together: the mean seconds per run
     {"cmd": "outputs"}                    -> {"outputs": {...}}  the last result of every regime run so far
     {"cmd": "quit"}
 """
@@ -75,9 +76,11 @@ def main() -> None:
         cmd = json.loads(line)
         try:
             if cmd["cmd"] == "run":
+                reps = int(cmd.get("reps", 1))
                 t = time.perf_counter()
-                res = run_regime(engine, cmd["regime"], args["regimes"], data)
-                dt = time.perf_counter() - t
+                for _ in range(reps):
+                    res = run_regime(engine, cmd["regime"], args["regimes"], data)
+                dt = (time.perf_counter() - t) / reps
                 last[cmd["regime"]] = np.asarray(res).tolist()
                 reply({"seconds": dt})
             elif cmd["cmd"] == "outputs":

@@ -17,7 +17,7 @@ pytest.importorskip("onnxruntime")
 def test_tiny_run_makes_table_and_agrees(tmp_path):
     cmd = [sys.executable, str(ROOT / "benchmarks" / "run.py"), "--models", "tiny", "--engines",
            "lstm-infer,pytorch,onnxruntime", "--regimes", "batched,greedy", "--threads", "1", "--runs", "1",
-           "--warmup", "0", "--greedy-tokens", "20", "--sgemm-size", "128", "--copy-mb", "8",
+           "--warmup", "1", "--min-run-s", "0.05", "--greedy-tokens", "20", "--sgemm-size", "128", "--copy-mb", "8",
            "--work", str(tmp_path / "work"), "--out", str(tmp_path / "res"), "--name", "smoke"]
     p = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert p.returncode == 0, p.stderr[-3000:]
@@ -34,6 +34,9 @@ def test_tiny_run_makes_table_and_agrees(tmp_path):
     got = {(t["engine"], t["regime"]) for t in res["timings"]}
     assert got == {(e, r) for e in ("lstm-infer", "pytorch", "onnxruntime") for r in ("batched", "greedy")}
     assert all(t["value"] > 0 and len(t["seconds"]) == 1 for t in res["timings"])
+    # the tiny model's runs last well under 0.05 s: each timed run repeats its regime
+    assert all(t["reps"] > 1 for t in res["timings"]), [(t["engine"], t["regime"], t["reps"]) for t in res["timings"]]
+    assert "repeats the regime back to back" in md
     assert res["models"]["tiny"]["flops_per_token"]["total"] == 2 * 4 * 16 * 32 * 2 + 2 * 16 * 50
     assert res["sgemm"]["1"]["gflops_best"] > 0 and res["copy"]["gbs_best"] > 0
 
