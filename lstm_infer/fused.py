@@ -458,13 +458,8 @@ def project_tokens(emb, w_t, bias, ids, rows, cols, have):
     Every value is one FMA chain over E in order (simd.small_rows), however the rows group: the same float
     whichever call fills a row first, so scoring and the decoder can share one table (decoding._build_net)
     and a text scores the same before and after a generate. Rows go before their mark, so that a reader
-    who sees the mark finds the row."""
+    who sees the mark finds the row. Callers pass ids with new tokens among them (it allocates scratch)."""
     n = ids.shape[0]
-    fresh = False
-    for i in range(n):
-        fresh |= not have[ids[i]]
-    if not fresh:
-        return
     E, Gp = w_t.shape
     G = rows.shape[1]
     x = np.empty((SMALL_ROWS, E), np.float32)

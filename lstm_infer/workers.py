@@ -83,32 +83,26 @@ class Workers:
         _LIVE.add(self)
 
     def buffer(self, name: str, rows: int, shape: tuple[int, ...]) -> np.ndarray:
-        """A zero-initialised float32 scratch array (rows, *shape), kept per calling thread and reused by the
-        next call that asks for ``name`` with the same shape and at most as many rows.
+        """A float32 scratch array (rows, *shape) over storage kept per calling thread under ``name``, grown when a
+        call needs more and never shrunk, whatever the shape asked for.
 
-        A fresh 8 MB array costs ~2,000 page faults on first touch, 2-10 ms per scored batch here. Callers
-        write what they read before reading it, except padding columns, which hold zeros or finite values
-        an earlier call wrote.
+        A fresh 8 MB array costs ~2,000 page faults on first touch, 2-10 ms per scored batch here. Contents:
+        zeros or whatever an earlier call wrote, so callers write what they read before reading it, except
+        padding columns, which only ever hold finite values that never mix with real ones.
         """
+        n = rows * int(np.prod(shape))
         bufs = self._local.__dict__.setdefault("bufs", {})
-        buf = bufs.get(name)
-        if buf is None or buf.shape[1:] != shape or buf.shape[0] < rows:
-            buf = bufs[name] = np.zeros((rows, *shape), np.float32)
-        return buf[:rows]
-
-    def scratch(self, name: str, shape: tuple[int, ...]) -> np.ndarray | None:
-        """A float32 array of ``shape`` over storage kept per calling thread under ``name`` (grown, never
-        shrunk, whatever the shape), for an output its caller consumes before the next call; None when it
-        would pass SCRATCH_BYTES, so that one huge call does not leave its size held. Contents: whatever an
-        earlier call wrote, or zeros."""
-        n = int(np.prod(shape))
-        if 4 * n > SCRATCH_BYTES:
-            return None
-        bufs = self._local.__dict__.setdefault("flat", {})
         buf = bufs.get(name)
         if buf is None or buf.size < n:
             buf = bufs[name] = np.zeros(n, np.float32)
-        return buf[:n].reshape(shape)
+        return buf[:n].reshape(rows, *shape)
+
+    def scratch(self, name: str, shape: tuple[int, ...]) -> np.ndarray | None:
+        """buffer() for an output its caller consumes before the next call, or None when it would pass
+        SCRATCH_BYTES, so that one huge call does not leave its size held."""
+        if 4 * int(np.prod(shape)) > SCRATCH_BYTES:
+            return None
+        return self.buffer(name, shape[0], shape[1:])
 
     def split(self, fn: Callable[[int, int], None], n: int, min_rows: int = 1) -> None:
         """fn(s, e) over contiguous parts of range(n), at most one per thread and each >= min_rows long."""

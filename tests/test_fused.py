@@ -311,6 +311,23 @@ def test_project_tokens():
     np.testing.assert_array_equal(one[new], rows[new])
 
 
+def test_workers_buffers_reuse_storage(monkeypatch):
+    """One storage per name and thread, whatever the shape (no new pages when a batch size changes), grown
+    when a call needs more; scratch() declines past SCRATCH_BYTES so a huge call leaves nothing held."""
+    from lstm_infer import workers
+
+    wk = Workers(1)
+    a = wk.buffer("x", 4, (3, 5))
+    a[...] = 1.0
+    b = wk.buffer("x", 2, (7,))
+    assert np.shares_memory(a, b) and b.shape == (2, 7) and (b == 1.0).all()
+    c = wk.buffer("x", 10, (10,))  # more than there was: new, zeroed storage
+    assert not np.shares_memory(a, c) and not c.any()
+    assert np.shares_memory(wk.scratch("x", (5, 4)), c)
+    monkeypatch.setattr(workers, "SCRATCH_BYTES", 4 * 99)
+    assert wk.scratch("x", (10, 10)) is None and wk.scratch("x", (9, 11)).shape == (9, 11)
+
+
 def test_scratch_outputs_stay_inside_a_call(tmp_path):
     """Scoring keeps the layers' outputs in reused buffers (run_stack's keep_last): what Model.run returned
     stays as it was through later calls of either kind, and the same call twice gives the same numbers."""
