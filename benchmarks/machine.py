@@ -1,10 +1,11 @@
-"""The machine: what it is (CPU, cores, library versions) and what it can do (sgemm peak, copy bandwidth)."""
+"""The machine: what it is (CPU, cores, library versions) and what it can do (sgemm peak, copy and read bandwidth)."""
 
 from __future__ import annotations
 
 import os
 import platform
 import subprocess
+import threading
 import time
 from importlib import metadata
 
@@ -118,3 +119,58 @@ def copy_bandwidth(mbytes: int = 512, repeats: int = 5) -> dict:
         rates.append(2.0 * src.nbytes / (time.perf_counter() - t) / 1e9)
     return {"mbytes": mbytes, "gbs_best": max(rates), "gbs_median": float(np.median(rates)),
             "counts": "bytes read + bytes written"}
+
+
+_READ = None
+
+
+def _read_kernel():
+    """A Numba loop that sums a float32 array ``reps`` times: LLVM vectorises it, so one core reads at the speed
+    its caches or memory deliver (np.sum does not: it is compute-bound well below L3 speed)."""
+    global _READ
+    if _READ is None:
+        from numba import njit
+
+        @njit(fastmath=True, nogil=True)
+        def read(a, reps):
+            s = np.float32(0.0)
+            for _ in range(reps):
+                for i in range(a.shape[0]):
+                    s += a[i]
+            return s
+
+        _READ = read
+    return _READ
+
+
+def read_bandwidth(mbytes: float, threads: int, seconds: float = 0.3, repeats: int = 3) -> dict:
+    """GB/s at which ``threads`` threads read a float32 buffer of ``mbytes`` MB, each its own contiguous part
+    over and over: what batch-1 decoding does with a model's weights every step. So the figure is the
+    cache's speed where the buffer fits in the caches (per core, or the shared L3) and memory's where it
+    does not; the best of ``repeats`` timed runs of about ``seconds`` each."""
+    read = _read_kernel()
+    buf = np.ones(max(threads * 16, int(mbytes * 1e6) // 4), np.float32)
+    parts = np.array_split(buf, threads)
+    read(parts[0], 1)  # compile, and fault the pages in
+    t = time.perf_counter()
+    for p in parts:
+        read(p, 1)
+    one_pass = max(time.perf_counter() - t, 1e-6)  # every part once, one after the other
+    reps = max(1, int(seconds * threads / one_pass))
+    def run(start: threading.Barrier, part: np.ndarray) -> None:
+        start.wait()
+        read(part, reps)
+
+    rates = []
+    for _ in range(repeats):
+        start = threading.Barrier(threads + 1)
+        workers = [threading.Thread(target=run, args=(start, p)) for p in parts]
+        for w in workers:
+            w.start()
+        start.wait()
+        t = time.perf_counter()
+        for w in workers:
+            w.join()
+        rates.append(buf.nbytes * reps / (time.perf_counter() - t) / 1e9)
+    return {"mbytes": buf.nbytes / 1e6, "threads": threads, "reps": reps, "gbs_best": max(rates),
+            "gbs_median": float(np.median(rates)), "counts": "bytes read"}

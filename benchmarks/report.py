@@ -9,7 +9,7 @@ from engines import FP32_PEERS, LABELS
 AGREEMENT_TOL = 1e-4  # max |lstm-infer - PyTorch| over target log-probs
 PERF_COLUMNS = ["model", "regime", "threads", *[LABELS[e] for e in LABELS], "best fp32 peer",
                 "lstm-infer vs best", "lstm-infer GFLOP/s (% sgemm peak)", "best peer GFLOP/s (% peak)",
-                "weights read / token", "lstm-infer GB/s (% copy bw)", "best peer GB/s (% copy bw)"]
+                "weights read / token", "lstm-infer GB/s (% read bw)", "best peer GB/s (% read bw)"]
 AGREE_COLUMNS = ["model", "threads", "engine", "batched max abs diff vs PyTorch", "stream max abs diff vs PyTorch",
                  "greedy = PyTorch", "beam = PyTorch"]
 
@@ -63,13 +63,14 @@ def _gflops(value: float | None, ctx: tuple) -> str:
 
 
 def _gbs(value: float | None, ctx: tuple) -> str:
-    """Weight bytes read per second by batch-1 decoding and their share of the copy bandwidth."""
+    """Weight bytes read per second by batch-1 decoding and their share of the read bandwidth measured for a
+    buffer of that size on as many threads (run.measure_read_bandwidth)."""
     name, _, info, _, bw = ctx
     steps = steps_per_second(name, value) if value else None
     if not steps:
         return ""
     gbs = steps * info["weight_bytes_per_token"] / 1e9
-    return f"{gbs:.1f} ({100 * gbs / bw:.0f}%)"
+    return f"{gbs:.1f} ({100 * gbs / bw:.0f}%)" if bw else f"{gbs:.1f}"
 
 
 def perf_rows(res: dict) -> list[list[str]]:
@@ -88,7 +89,8 @@ def perf_rows(res: dict) -> list[list[str]]:
         if ours and best_e:
             ratio = f"{(ours / peers[best_e] if higher_is_better(name) else peers[best_e] / ours):.2f}×"
         info = res["models"][model]
-        ctx = (name, r, info, res["sgemm"].get(str(threads), {}).get("gflops_best"), res["copy"]["gbs_best"])
+        read_bw = res.get("read_bw", {}).get(model, {}).get(str(threads), {}).get("gbs_best")
+        ctx = (name, r, info, res["sgemm"].get(str(threads), {}).get("gflops_best"), read_bw)
         rows.append([model, regime_label(name, r), str(threads)]
                     + [_num(vals[e], name) if e in vals else "–" for e in LABELS]
                     + [LABELS[best_e] if best_e else "–", ratio, _gflops(ours, ctx), _gflops(peers.get(best_e), ctx),
@@ -121,6 +123,16 @@ def _reps(res: dict) -> str:
     """'1-40' style range of the repetitions per timed run, over every figure of the run."""
     r = [t.get("reps", 1) for t in res["timings"]]
     return f"{min(r)}-{max(r)}" if r and min(r) != max(r) else str(r[0] if r else 1)
+
+
+def _read_bw(res: dict) -> str:
+    """'medium 53.1 MB: 1t 37, 2t 107 GB/s; ...' from res["read_bw"]."""
+    out = []
+    for model, by_t in res["read_bw"].items():
+        mb = next(iter(by_t.values()))["mbytes"]
+        out.append(f"{model} {mb:.3g} MB: " + ", ".join(f"{t}t {v['gbs_best']:.0f}" for t, v in by_t.items())
+                   + " GB/s")
+    return "; ".join(out)
 
 
 def _table(cols: list[str], rows: list[list[str]]) -> str:
@@ -160,6 +172,8 @@ def markdown(res: dict) -> str:
         f"{peaks}",
         f"- Copy bandwidth (np.copyto {res['copy']['mbytes']} MB, read + write, 1 thread): "
         f"{res['copy']['gbs_best']:.1f} GB/s",
+        *([f"- Read bandwidth (each thread sums its part of a buffer the size of the model's batch-1 weights, "
+           f"over and over; best at the start or the end): {_read_bw(res)}"] if res.get("read_bw") else []),
         f"- Medians of {st['runs']} runs after {st['warmup']} warm-up run(s); engines interleaved round by round, "
         "each in its own process with OMP/MKL/OpenBLAS/Numba threads set to the thread count"
         + (f"; a run repeats the regime back to back until it lasts about {st['min_run_s']} s and counts the mean "
@@ -173,7 +187,7 @@ def markdown(res: dict) -> str:
         "divided by the best fp32 peer's (above 1: lstm-infer is faster). OV bf16 is OpenVINO's default on AMX "
         "CPUs: not fp32, so it is never the best peer. GFLOP/s count 2·4H·(I+H) per LSTM layer + 2·H·V per "
         "token (beam: per row); GB/s count the float32 weights one batch-1 step reads (LSTM + head) once per "
-        "token or beam step.",
+        "token or beam step, as a share of the read bandwidth above for that model and thread count.",
         "",
         _table(PERF_COLUMNS, perf_rows(res)),
         "",

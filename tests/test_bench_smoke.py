@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -26,7 +27,7 @@ def test_tiny_run_makes_table_and_agrees(tmp_path):
 
     header = next(line for line in md.splitlines() if line.startswith("| model | regime |"))
     for col in ("lstm-infer", "PyTorch", "ORT", "best fp32 peer", "lstm-infer vs best",
-                "lstm-infer GFLOP/s (% sgemm peak)", "weights read / token", "lstm-infer GB/s (% copy bw)"):
+                "lstm-infer GFLOP/s (% sgemm peak)", "weights read / token", "lstm-infer GB/s (% read bw)"):
         assert f"| {col} |" in header
     rows = [line for line in md.splitlines() if line.startswith(("| tiny | batched", "| tiny | greedy"))]
     assert len(rows) == 2
@@ -39,6 +40,10 @@ def test_tiny_run_makes_table_and_agrees(tmp_path):
     assert "repeats the regime back to back" in md
     assert res["models"]["tiny"]["flops_per_token"]["total"] == 2 * 4 * 16 * 32 * 2 + 2 * 16 * 50
     assert res["sgemm"]["1"]["gflops_best"] > 0 and res["copy"]["gbs_best"] > 0
+    bw = res["read_bw"]["tiny"]["1"]  # measured at the start and the end, the best kept
+    assert bw["gbs_best"] == max(bw["gbs_runs"]) > 0 and len(bw["gbs_runs"]) == 2
+    assert abs(bw["mbytes"] - res["models"]["tiny"]["weight_bytes_per_token"] / 1e6) < 0.01
+    assert "Read bandwidth" in md and re.search(r"tiny [0-9.]+ MB: 1t [0-9]+ GB/s", md)
 
     ours = next(a for a in res["agreement"] if a["engine"] == "lstm-infer")
     assert ours["batched_max_abs_diff"] <= 1e-4
