@@ -1,7 +1,7 @@
 """Benchmark lstm-infer against PyTorch, ONNX Runtime and OpenVINO on CPU (see benchmarks/README.md).
 
-    python benchmarks/run.py            # full run (~12 min on 2 cores), results in benchmarks/results/
-    python benchmarks/run.py --quick    # fewer runs and shorter decodes, max thread count only (~5-8 min)
+    python benchmarks/run.py            # full run (~20 min on 2 cores), results in benchmarks/results/
+    python benchmarks/run.py --quick    # fewer runs and shorter decodes, max thread count only (~5-6 min)
 
 Each (model, thread count) starts one worker process per engine; engines are then timed round by round
 on the same inputs, so slow drifts of the machine hit every engine alike.
