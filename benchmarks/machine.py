@@ -125,8 +125,8 @@ def copy_bandwidth(mbytes: int = 512, repeats: int = 5) -> dict:
 @functools.cache
 def _read_kernel():
     """A Numba loop that sums a float32 array ``reps`` times: LLVM vectorises it, so one core reads at the speed
-    its caches or memory deliver: 92-101 GB/s from L3 on one Zen 4 core, where summing into a 16-float array
-    read 12-15 GB/s (LLVM left the array in memory). Made on first use: the driver imports Numba only to measure."""
+    its caches or memory deliver: 81-102 GB/s up to 8 MB on one Zen 4 core, where summing into a 16-float array
+    read 11-15 GB/s (LLVM left the array in memory). Made on first use: the driver imports Numba only to measure."""
     from numba import njit
 
     @njit(fastmath=True, nogil=True)
@@ -154,6 +154,7 @@ def read_bandwidth(mbytes: float, threads: int, seconds: float = 0.3, repeats: i
         read(p, 1)
     one_pass = max(time.perf_counter() - t, 1e-6)  # every part once, one after the other
     reps = max(1, int(seconds * threads / one_pass))
+
     def run(start: threading.Barrier, part: np.ndarray) -> None:
         start.wait()
         read(part, reps)
