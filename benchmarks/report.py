@@ -73,11 +73,30 @@ def _gbs(value: float | None, ctx: tuple) -> str:
     return f"{gbs:.1f} ({100 * gbs / bw:.0f}%)" if bw else f"{gbs:.1f}"
 
 
+def round_ratios(seconds: dict[str, list[float]]) -> list[float]:
+    """lstm-infer's speed over the fastest fp32 peer's, round by round: {engine: seconds per round} -> one
+    ratio per round (the same work per run, so speed ratio = peer seconds / ours). Peers whose runs do not
+    line up with lstm-infer's round for round are left out; [] when none does."""
+    ours = seconds.get("lstm-infer") or []
+    peers = [s for e, s in seconds.items() if e in FP32_PEERS and len(s) == len(ours)]
+    if not peers:
+        return []
+    return [min(p[i] for p in peers) / ours[i] for i in range(len(ours))]
+
+
+def _ratio(ours: float, peer: float, name: str, rounds: list[float]) -> str:
+    """'1.21× (1.18-1.24)': medians' ratio, then the lowest and highest round's (round_ratios)."""
+    r = ours / peer if higher_is_better(name) else peer / ours
+    return f"{r:.2f}×" + (f" ({min(rounds):.2f}-{max(rounds):.2f})" if len(rounds) > 1 else "")
+
+
 def perf_rows(res: dict) -> list[list[str]]:
     """One row per (model, regime, threads), in the order they were measured."""
     table: dict[tuple, dict] = {}
+    secs: dict[tuple, dict] = {}
     for m in res["timings"]:
         table.setdefault((m["model"], m["regime"], m["threads"]), {})[m["engine"]] = m["value"]
+        secs.setdefault((m["model"], m["regime"], m["threads"]), {})[m["engine"]] = m["seconds"]
     rows = []
     for (model, name, threads), vals in table.items():
         r = res["settings"]["regimes"][name]
@@ -85,9 +104,8 @@ def perf_rows(res: dict) -> list[list[str]]:
         peers = {e: v for e, v in vals.items() if e in FP32_PEERS}
         best_e = best_fn(peers, key=peers.get) if peers else None
         ours = vals.get("lstm-infer")
-        ratio = ""
-        if ours and best_e:
-            ratio = f"{(ours / peers[best_e] if higher_is_better(name) else peers[best_e] / ours):.2f}×"
+        ratio = _ratio(ours, peers[best_e], name, round_ratios(secs[(model, name, threads)])) if ours and best_e \
+            else ""
         info = res["models"][model]
         read_bw = res.get("read_bw", {}).get(model, {}).get(str(threads), {}).get("gbs_best")
         ctx = (name, r, info, res["sgemm"].get(str(threads), {}).get("gflops_best"), read_bw)
@@ -184,7 +202,9 @@ def markdown(res: dict) -> str:
         "",
         "Scoring figures are tokens/s (higher is better) and include log-softmax and the gather of the targets' "
         "log-probs; decoding figures are ms (lower is better). *lstm-infer vs best* is lstm-infer's speed "
-        "divided by the best fp32 peer's (above 1: lstm-infer is faster). OV bf16 is OpenVINO's default on AMX "
+        "divided by the best fp32 peer's (above 1: lstm-infer is faster), from the medians; in brackets the lowest and "
+        "highest of the same ratio round by round, lstm-infer's run against the fastest peer's in that round "
+        "(how far the host's load moved the ratio during the run). OV bf16 is OpenVINO's default on AMX "
         "CPUs: not fp32, so it is never the best peer. GFLOP/s count 2·4H·(I+H) per LSTM layer + 2·H·V per "
         "token (beam: per row); GB/s count the float32 weights one batch-1 step reads (LSTM + head) once per "
         "token or beam step, as a share of the read bandwidth above for that model and thread count.",
@@ -212,3 +232,24 @@ def markdown(res: dict) -> str:
     if notes:
         parts += ["", "## Notes", "", *notes]
     return "\n".join(parts) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    """python benchmarks/report.py RUN.json ...: write each run's markdown report again, as RUN.md beside it
+    (after a change to this module; the JSON holds every timed run)."""
+    import json
+    import sys
+    from pathlib import Path
+
+    paths = argv if argv is not None else sys.argv[1:]
+    if not paths:
+        print("usage: python benchmarks/report.py RUN.json ...", file=sys.stderr)
+        return 2
+    for p in map(Path, paths):
+        p.with_suffix(".md").write_text(markdown(json.loads(p.read_text())))
+        print(p.with_suffix(".md"))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -59,3 +59,17 @@ def test_denormals_script_measures_denormal_states():
     _, share = denormals.per_step(1, 64, 1e-39, n=8, runs=1)
     _, none = denormals.per_step(1, 64, 1e-3, n=8, runs=1)
     assert share == 1.0 and none == 0.0
+
+
+def test_round_ratios_pair_each_round_with_its_fastest_peer():
+    """The report's per-round range: round i's lstm-infer time against the fastest fp32 peer of round i."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import report
+
+    secs = {"lstm-infer": [1.0, 2.0, 1.0], "pytorch": [2.0, 2.0, 3.0], "onnxruntime": [1.5, 4.0, 1.2],
+            "openvino-bf16": [0.1, 0.1, 0.1]}  # bf16 is not an fp32 peer
+    assert report.round_ratios(secs) == [1.5, 1.0, 1.2]
+    assert report.round_ratios({"lstm-infer": [1.0, 1.0], "pytorch": [2.0]}) == []  # rounds that do not line up
+    # scoring figures are tok/s (higher is better), decoding ms (lower): the same ratio of speeds either way
+    assert report._ratio(120.0, 100.0, "batched", [1.0, 1.5, 1.2]) == "1.20× (1.00-1.50)"
+    assert report._ratio(1.0, 2.0, "greedy", [2.0]) == "2.00×"
