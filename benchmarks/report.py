@@ -73,15 +73,14 @@ def _gbs(value: float | None, ctx: tuple) -> str:
     return f"{gbs:.1f} ({100 * gbs / bw:.0f}%)" if bw else f"{gbs:.1f}"
 
 
-def round_ratios(seconds: dict[str, list[float]]) -> list[float]:
-    """lstm-infer's speed over the fastest fp32 peer's, round by round: {engine: seconds per round} -> one
-    ratio per round (the same work per run, so speed ratio = peer seconds / ours). Peers whose runs do not
-    line up with lstm-infer's round for round are left out; [] when none does."""
-    ours = seconds.get("lstm-infer") or []
-    peers = [s for e, s in seconds.items() if e in FP32_PEERS and len(s) == len(ours)]
-    if not peers:
+def round_ratios(ours: list[float], peer: list[float]) -> list[float]:
+    """lstm-infer's speed over a peer's, round by round, from their seconds per run in round order (the same work
+    per run, so speed ratio = peer seconds / ours); [] when the rounds do not line up. Against the peer whose
+    median is best, the medians' ratio always lies within this range (each run of one engine bounded by a
+    constant times the other's bounds their medians alike)."""
+    if not ours or len(peer) != len(ours):
         return []
-    return [min(p[i] for p in peers) / ours[i] for i in range(len(ours))]
+    return [p / o for p, o in zip(peer, ours)]
 
 
 def _ratio(ours: float, peer: float, name: str, rounds: list[float]) -> str:
@@ -96,7 +95,7 @@ def perf_rows(res: dict) -> list[list[str]]:
     secs: dict[tuple, dict] = {}
     for m in res["timings"]:
         table.setdefault((m["model"], m["regime"], m["threads"]), {})[m["engine"]] = m["value"]
-        secs.setdefault((m["model"], m["regime"], m["threads"]), {})[m["engine"]] = m["seconds"]
+        secs.setdefault((m["model"], m["regime"], m["threads"]), {})[m["engine"]] = m.get("seconds", [])
     rows = []
     for (model, name, threads), vals in table.items():
         r = res["settings"]["regimes"][name]
@@ -104,8 +103,10 @@ def perf_rows(res: dict) -> list[list[str]]:
         peers = {e: v for e, v in vals.items() if e in FP32_PEERS}
         best_e = best_fn(peers, key=peers.get) if peers else None
         ours = vals.get("lstm-infer")
-        ratio = _ratio(ours, peers[best_e], name, round_ratios(secs[(model, name, threads)])) if ours and best_e \
-            else ""
+        ratio = ""
+        if ours and best_e:
+            by_engine = secs[(model, name, threads)]
+            ratio = _ratio(ours, peers[best_e], name, round_ratios(by_engine["lstm-infer"], by_engine[best_e]))
         info = res["models"][model]
         read_bw = res.get("read_bw", {}).get(model, {}).get(str(threads), {}).get("gbs_best")
         ctx = (name, r, info, res["sgemm"].get(str(threads), {}).get("gflops_best"), read_bw)
@@ -203,11 +204,12 @@ def markdown(res: dict) -> str:
         "Scoring figures are tokens/s (higher is better) and include log-softmax and the gather of the targets' "
         "log-probs; decoding figures are ms (lower is better). *lstm-infer vs best* is lstm-infer's speed "
         "divided by the best fp32 peer's (above 1: lstm-infer is faster), from the medians; in brackets the lowest and "
-        "highest of the same ratio round by round, lstm-infer's run against the fastest peer's in that round "
-        "(how far the host's load moved the ratio during the run). OV bf16 is OpenVINO's default on AMX "
-        "CPUs: not fp32, so it is never the best peer. GFLOP/s count 2·4H·(I+H) per LSTM layer + 2·H·V per "
-        "token (beam: per row); GB/s count the float32 weights one batch-1 step reads (LSTM + head) once per "
-        "token or beam step, as a share of the read bandwidth above for that model and thread count.",
+        "highest of the same ratio round by round, lstm-infer's run against that peer's run in the same round "
+        "(how far the host's load moved the ratio during the run; the medians' ratio lies within it). OV bf16 is "
+        "OpenVINO's default on AMX CPUs: not fp32, so it is never the best peer. GFLOP/s count 2·4H·(I+H) per "
+        "LSTM layer + 2·H·V per token (beam: per row); GB/s count the float32 weights one batch-1 step reads "
+        "(LSTM + head) once per token or beam step, as a share of the read bandwidth above for that model and "
+        "thread count.",
         "",
         _table(PERF_COLUMNS, perf_rows(res)),
         "",
