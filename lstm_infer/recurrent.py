@@ -120,7 +120,7 @@ def run_lstm_t(ly: Layer, dw: Direction, x: np.ndarray | None, h: np.ndarray, c:
                 dw.w_hh_p = fused.row_panels(dw.w_hh)
             members = fused.row_blocks(H, members)
             row_args = (gxs[:n], dw.w_hh_p, dw.peep, peep, ly.clip, ly.input_forget, valid[t0:t1], dw.reverse, hbuf,
-                        cT, out[t0:t1], acc, members, gang.new_counters(n, members))
+                        cT, out[t0:t1], members, gang.new_counters(n, members))
             wk.gang(functools.partial(_member, fused.lstm_steps_row, row_args), members)
         elif members:
             wk.gang(functools.partial(_member, steps, (*args, U, gang.new_counters(n, members))), members)
