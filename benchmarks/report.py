@@ -91,13 +91,12 @@ def _ratio(ours: float, peer: float, name: str, rounds: list[float]) -> str:
 
 def perf_rows(res: dict) -> list[list[str]]:
     """One row per (model, regime, threads), in the order they were measured."""
-    table: dict[tuple, dict] = {}
-    secs: dict[tuple, dict] = {}
+    table: dict[tuple, dict] = {}  # (model, regime, threads) -> {engine: timing entry}
     for m in res["timings"]:
-        table.setdefault((m["model"], m["regime"], m["threads"]), {})[m["engine"]] = m["value"]
-        secs.setdefault((m["model"], m["regime"], m["threads"]), {})[m["engine"]] = m.get("seconds", [])
+        table.setdefault((m["model"], m["regime"], m["threads"]), {})[m["engine"]] = m
     rows = []
-    for (model, name, threads), vals in table.items():
+    for (model, name, threads), timed in table.items():
+        vals = {e: m["value"] for e, m in timed.items()}
         r = res["settings"]["regimes"][name]
         best_fn = max if higher_is_better(name) else min
         peers = {e: v for e, v in vals.items() if e in FP32_PEERS}
@@ -105,8 +104,8 @@ def perf_rows(res: dict) -> list[list[str]]:
         ours = vals.get("lstm-infer")
         ratio = ""
         if ours and best_e:
-            by_engine = secs[(model, name, threads)]
-            ratio = _ratio(ours, peers[best_e], name, round_ratios(by_engine["lstm-infer"], by_engine[best_e]))
+            rounds = round_ratios(timed["lstm-infer"].get("seconds", []), timed[best_e].get("seconds", []))
+            ratio = _ratio(ours, peers[best_e], name, rounds)
         info = res["models"][model]
         read_bw = res.get("read_bw", {}).get(model, {}).get(str(threads), {}).get("gbs_best")
         ctx = (name, r, info, res["sgemm"].get(str(threads), {}).get("gflops_best"), read_bw)

@@ -133,7 +133,7 @@ def _dot_block(gx, w_hh, peep, has_peep, clip, input_forget, valid, hp, hn, c, o
 
 @njit(inline="always", **FAST)
 def _commit_rows(acc, valid, hp, hn, c, out, j0, j1):
-    """Units j0 .. j1 of a batch-major step (dot and row layouts): y = acc[0] and c' = acc[1] (_gates) into
+    """Units j0 .. j1 of a batch-major step (dot layout): y = acc[0] and c' = acc[1] (_gates) into
     hn, out (B, H) and c (H, B). The mask and the strided stores of h stay out of the vectorised loop."""
     B = hp.shape[0]
     full = True
@@ -190,13 +190,14 @@ def _panel_gates(gf, sp, peep, has_peep, clip, input_forget, ok, hpf, hnf, cf, o
 
     _gates' math, written again over the panel's own layout: one vector per gate, a trip count of 16 that
     LLVM vectorises whole. Copying the sums into gate-major rows for _gates instead, a 512-unit step took
-    27.0-34.3 against 26.1-32.2 us (random weights, 2 threads, alternated as the host's load went), and the
-    bundled model's stream 31.5-34.3 against 30.9-32.2 us per token; _gates' loop called on 16 elements at a
-    time (its vectorised body takes 64) took 30.7 us per step."""
+    27.0-37.4 against 26.1-34.1 us (random weights, 2 threads, three runs alternating both as the host's load
+    went), and the bundled model's stream 31.5-34.3 against 30.9-32.2 us per token; _gates' loop called on 16
+    elements at a time (its vectorised body takes 64) took 30.7 us per step."""
     H = cf.shape[0]
     m = min(16, H - j0)
     if m == 16 and not has_peep:  # the common case, with the literal trip count
-        xi, xf, xg, xo = gf[j0:j0 + 16], gf[H + j0:H + j0 + 16], gf[2 * H + j0:2 * H + j0 + 16], gf[3 * H + j0:]
+        xi, xf = gf[j0:j0 + 16], gf[H + j0:H + j0 + 16]
+        xg, xo = gf[2 * H + j0:2 * H + j0 + 16], gf[3 * H + j0:3 * H + j0 + 16]
         cp = cf[j0:j0 + 16]
         for q in range(16):
             i = fsigmoid(_clip(xi[q] + sp[q], clip))
